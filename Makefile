@@ -1,0 +1,28 @@
+# One entry point: `make demo` runs the main job on the embedded default,
+# `make test` runs the suite. Both create .venv first (idempotent).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: venv test demo bench clean
+
+venv: $(VENV)/.installed
+
+# torch is pinned first: the pin resolves to the local CPU wheel, while a bare
+# `torch` requirement would pull several GB of CUDA packages.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+test: venv
+	$(PY) -m pytest -q tests
+
+demo: venv
+	$(PY) jobs/demo.py
+
+clean:
+	rm -rf $(VENV) demo-out

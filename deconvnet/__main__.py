@@ -1,0 +1,86 @@
+"""Command line of the model library.
+
+    python -m deconvnet init --preset tiny --out models/tiny
+    python -m deconvnet init --preset paper --vgg16 vgg16-397923af.pth --out s3://bucket/models/deconvnet-init
+    python -m deconvnet segment photo.jpg --model models/tiny --out photo.png --overlay photo-overlay.jpg
+
+A user mistake (a missing file, a bad value) is one line on stderr and exit
+code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import storage
+
+
+def add_storage_option_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="fsspec option for every URI (repeatable), e.g. "
+                             "endpoint_url=http://127.0.0.1:9000; S3 also reads AWS_ENDPOINT_URL "
+                             "and the usual AWS credential variables")
+
+
+def storage_options_from(parser: argparse.ArgumentParser, items: list[str]) -> dict:
+    try:
+        return dict(storage.parse_storage_option(s) for s in items)
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def cmd_init(args, parser) -> int:
+    from .model import build_model, preset
+    from .weights import ModelInfo, init_from_vgg16, now_iso, read_state_dict, save_model_dir
+    from .voc import VOC_CLASSES
+
+    opts = storage_options_from(parser, args.storage_option)
+    classes = VOC_CLASSES
+    if args.classes:
+        try:
+            text = storage.read_bytes(args.classes, opts).decode()
+        except FileNotFoundError:
+            parser.error(f"--classes: no such file {args.classes}")
+        classes = tuple(line.strip() for line in text.splitlines() if line.strip())
+        if len(classes) < 2:
+            parser.error(f"--classes: need at least 2 names (background first), got {len(classes)}")
+    config = preset(args.preset, num_classes=len(classes))
+    model = build_model(config)
+    provenance = {"created": now_iso(), "created_by": "python -m deconvnet init",
+                  "preset": args.preset, "encoder_init": "random (He normal)"}
+    if args.vgg16:
+        try:
+            loaded = init_from_vgg16(model, read_state_dict(args.vgg16, opts))
+        except FileNotFoundError:
+            parser.error(f"--vgg16: no such file {args.vgg16}")
+        except ValueError as e:
+            parser.error(f"--vgg16: {e}")
+        provenance["encoder_init"] = f"VGG16 ImageNet weights from {args.vgg16} ({len(loaded)} tensors)"
+    info = save_model_dir(model, args.out, ModelInfo(config=config, classes=classes,
+                                                     provenance=provenance), opts)
+    print(f"wrote {args.out} (model id {info.model_id}, {len(classes)} classes, preset {args.preset})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .model import PRESETS
+
+    parser = argparse.ArgumentParser(prog="python -m deconvnet", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="write a model directory (random decoder, encoder from VGG16 if given)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="architecture preset")
+    p.add_argument("--out", required=True, help="model directory URI to write")
+    p.add_argument("--vgg16", help="torchvision vgg16/vgg16_bn ImageNet state dict (.pth or .safetensors), path or URI")
+    p.add_argument("--classes", help="text file of class names, one per line, background first (default: PASCAL VOC's 21)")
+    add_storage_option_arg(p)
+    p.set_defaults(func=cmd_init)
+
+    args = parser.parse_args(argv)
+    sub_parser = sub.choices[args.command]
+    return args.func(args, sub_parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

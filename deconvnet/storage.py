@@ -1,0 +1,171 @@
+"""Every byte the project reads or writes goes through this module.
+
+URIs are resolved with fsspec (`s3://`, `gs://`, `memory://`, `file://`, or a
+plain local path), so the rest of the code passes URIs around and never touches
+a storage SDK. S3 endpoints are configured the way AWS tools do it: the
+`AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` environment variables and the usual
+credential variables, or explicitly through `storage_options`
+(e.g. `{"endpoint_url": "http://127.0.0.1:5000", "key": ..., "secret": ...}`).
+
+Errors are built-in types raised from their cause: a missing object is
+`FileNotFoundError(uri)`, a malformed URI `ValueError`.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import fsspec
+from fsspec.core import split_protocol
+
+StorageOptions = Mapping[str, Any]
+
+# Keys whose values must never reach a log, a record or an exception message.
+_SECRET_KEYS = ("secret", "token", "password", "key", "credential", "session")
+
+
+def _options(uri: str, storage_options: StorageOptions | None) -> dict[str, Any]:
+    opts = dict(storage_options or {})
+    protocol, _ = split_protocol(uri)
+    if protocol in ("s3", "s3a") and "endpoint_url" not in opts:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        client_kwargs = opts.get("client_kwargs") or {}
+        if endpoint and "endpoint_url" not in client_kwargs:
+            opts["endpoint_url"] = endpoint
+    return opts
+
+
+def url_to_fs(uri: str, storage_options: StorageOptions | None = None):
+    """(filesystem, path) for a URI; `storage_options` go to the filesystem."""
+    if not uri:
+        raise ValueError("empty URI")
+    return fsspec.url_to_fs(uri, **_options(uri, storage_options))
+
+
+def is_local(uri: str) -> bool:
+    protocol, _ = split_protocol(uri)
+    return protocol in (None, "file", "local")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI path parts with '/', whatever the protocol (local paths included)."""
+    out = base.rstrip("/")
+    for p in parts:
+        p = p.strip("/")
+        if p:
+            out = f"{out}/{p}"
+    return out
+
+
+def read_bytes(uri: str, storage_options: StorageOptions | None = None) -> bytes:
+    fs, path = url_to_fs(uri, storage_options)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(uri) from e
+    except IsADirectoryError as e:
+        raise IsADirectoryError(uri) from e
+
+
+def write_bytes(uri: str, data: bytes, storage_options: StorageOptions | None = None) -> None:
+    """Write a whole object. Object stores replace it atomically; on a local disk
+    the bytes go to a temporary file first, so readers never see half a file."""
+    fs, path = url_to_fs(uri, storage_options)
+    if is_local(uri):
+        parent = posixpath.dirname(path)
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def exists(uri: str, storage_options: StorageOptions | None = None) -> bool:
+    fs, path = url_to_fs(uri, storage_options)
+    fs.invalidate_cache(path)
+    return fs.exists(path)
+
+
+def isdir(uri: str, storage_options: StorageOptions | None = None) -> bool:
+    fs, path = url_to_fs(uri, storage_options)
+    return fs.isdir(path)
+
+
+def list_files(
+    uri: str,
+    suffixes: Iterable[str] | None = None,
+    storage_options: StorageOptions | None = None,
+) -> list[str]:
+    """Every file under a prefix (recursively), or the file itself, as sorted URIs.
+
+    `suffixes` (lower-case, with the dot) keeps only matching names. A prefix
+    that holds nothing is an empty list; one that does not exist raises
+    `FileNotFoundError(uri)`.
+    """
+    fs, path = url_to_fs(uri, storage_options)
+    fs.invalidate_cache()  # other processes (Ray workers) may have written since
+    if fs.isfile(path):
+        return [uri] if _matches(uri, suffixes) else []
+    if not fs.isdir(path):
+        raise FileNotFoundError(uri)
+    root = path.rstrip("/")
+    found = (p for p, info in fs.find(root, detail=True).items() if info.get("type") != "directory")
+    # Rebuild each URI from the user's prefix so its style (protocol, slashes) is kept.
+    uris = (join(uri, p[len(root):]) for p in found)
+    return sorted(u for u in uris if _matches(u, suffixes))
+
+
+def _matches(uri: str, suffixes: Iterable[str] | None) -> bool:
+    return suffixes is None or uri.lower().endswith(tuple(s.lower() for s in suffixes))
+
+
+def remove(uri: str, recursive: bool = False, storage_options: StorageOptions | None = None) -> None:
+    fs, path = url_to_fs(uri, storage_options)
+    fs.rm(path, recursive=recursive)
+
+
+def pyarrow_filesystem(uri: str, storage_options: StorageOptions | None = None):
+    """(pyarrow FileSystem, path without protocol) for Ray Data and Ray Train.
+
+    Ray wants a pyarrow filesystem plus a `bucket/key` path with no `s3://`;
+    wrapping the fsspec filesystem keeps one source of configuration.
+    """
+    import pyarrow.fs as pafs
+
+    fs, path = url_to_fs(uri, storage_options)
+    if is_local(uri):
+        return pafs.LocalFileSystem(), path
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def redact(options: StorageOptions | None) -> dict[str, Any]:
+    """A copy of storage options safe to print or record: secret values hidden."""
+    out: dict[str, Any] = {}
+    for k, v in (options or {}).items():
+        if isinstance(v, Mapping):
+            out[k] = redact(v)
+        elif any(s in k.lower() for s in _SECRET_KEYS) and k.lower() != "endpoint_url":
+            out[k] = "***"
+        else:
+            out[k] = v
+    return out
+
+
+def parse_storage_option(text: str) -> tuple[str, Any]:
+    """'KEY=VALUE' -> (key, value); VALUE is read as JSON when it parses (true, 3,
+    {"a": 1}), else kept as a string. Raises ValueError on a missing '='."""
+    import json
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"storage option must be KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value

@@ -1,0 +1,274 @@
+"""Model directories and foreign weights.
+
+A model directory (a local path or any fsspec URI) holds two files:
+
+    model.safetensors   the state dict (weights, biases, BN statistics)
+    config.json         architecture, class names, palette, input normalisation,
+                        provenance and the model id
+
+so it describes itself, the way torchvision's weights enums do. Loading never
+unpickles: a directory with only a `.pt`/`.pth`/`.bin` file is refused.
+
+VGG16 ImageNet weights in the layout most users have (a torchvision-style
+`vgg16` or `vgg16_bn` state dict, as `.pth` or `.safetensors`) initialise the
+encoder and fc6/fc7 through one pure function, `vgg16_to_deconvnet`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import io
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from . import storage
+from .model import DeconvNetConfig, build_model
+from .voc import VOC_CLASSES, voc_palette
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+FORMAT_VERSION = 1
+_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
+
+# torchvision's ImageNet normalisation, which VGG16 weights expect (RGB, 0..1).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Everything in `config.json`: what the weights are and how to feed them."""
+
+    config: DeconvNetConfig
+    classes: tuple[str, ...] = VOC_CLASSES
+    palette: tuple[tuple[int, int, int], ...] = field(
+        default_factory=lambda: tuple(map(tuple, voc_palette(256).tolist())))
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # RGB, on 0..1 pixel values
+    std: tuple[float, float, float] = IMAGENET_STD
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+    model_id: str = ""  # content hash, filled in on save
+
+    def __post_init__(self):
+        if len(self.classes) != self.config.num_classes:
+            raise ValueError(f"{len(self.classes)} class names for a {self.config.num_classes}-class model")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "model_id": self.model_id,
+            "architecture": dataclasses.asdict(self.config),
+            "classes": list(self.classes),
+            "palette": [list(c) for c in self.palette],
+            "normalization": {"mean": list(self.mean), "std": list(self.std),
+                              "channel_order": "RGB", "pixel_scale": 255},
+            "provenance": dict(self.provenance),
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> ModelInfo:
+        if d.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"unsupported model format_version {d.get('format_version')!r}")
+        norm = d["normalization"]
+        if norm.get("channel_order", "RGB") != "RGB":
+            raise ValueError(f"unsupported channel order {norm['channel_order']!r}")
+        return cls(
+            config=DeconvNetConfig.from_dict(d["architecture"]),
+            classes=tuple(d["classes"]),
+            palette=tuple(tuple(c) for c in d["palette"]),
+            mean=tuple(norm["mean"]),
+            std=tuple(norm["std"]),
+            provenance=d.get("provenance", {}),
+            model_id=d.get("model_id", ""),
+        )
+
+
+def _model_id(arch: str, weights: bytes, info_json: Mapping[str, Any]) -> str:
+    """Hash of the weights and of what changes their meaning (architecture,
+    classes, normalisation), so two runs with the same id label identically."""
+    h = hashlib.sha256(weights)
+    meaning = {k: info_json[k] for k in ("architecture", "classes", "normalization")}
+    h.update(json.dumps(meaning, sort_keys=True).encode())
+    return f"{arch}-{h.hexdigest()[:16]}"
+
+
+def save_model_dir(model: nn.Module, uri: str, info: ModelInfo,
+                   storage_options: storage.StorageOptions | None = None) -> ModelInfo:
+    """Write `model.safetensors` + `config.json` under `uri`; returns the info with
+    its model id. Weights are written first, so a reader that finds a config
+    finds the weights it describes."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    weights = st_save(state)
+    draft = info.to_json()
+    model_id = _model_id(info.config.arch, weights, draft)
+    info = dataclasses.replace(info, model_id=model_id, provenance={
+        **info.provenance, "sha256": hashlib.sha256(weights).hexdigest()})
+    storage.write_bytes(storage.join(uri, WEIGHTS_FILE), weights, storage_options)
+    storage.write_bytes(storage.join(uri, CONFIG_FILE),
+                        json.dumps(info.to_json(), indent=2).encode(), storage_options)
+    return info
+
+
+def read_model_info(uri: str, storage_options: storage.StorageOptions | None = None) -> ModelInfo:
+    """Only `config.json`: cheap, for checks before any work starts."""
+    cfg_uri = storage.join(uri, CONFIG_FILE)
+    try:
+        raw = storage.read_bytes(cfg_uri, storage_options)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{uri} is not a model directory: no {CONFIG_FILE} "
+            f"(make one with `python -m deconvnet init` or the training job's --export)") from None
+    try:
+        return ModelInfo.from_json(json.loads(raw))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{cfg_uri}: not a valid model config: {e}") from e
+
+
+def load_model_dir(uri: str, device: str | torch.device = "cpu",
+                   storage_options: storage.StorageOptions | None = None) -> tuple[nn.Module, ModelInfo]:
+    """(model in eval mode on `device`, its info). Raises ValueError when the
+    weights are corrupt or do not match the config, naming the tensors."""
+    info = read_model_info(uri, storage_options)
+    w_uri = storage.join(uri, WEIGHTS_FILE)
+    try:
+        raw = storage.read_bytes(w_uri, storage_options)
+    except FileNotFoundError:
+        found = [u for u in storage.list_files(uri, storage_options=storage_options)
+                 if u.lower().endswith(_PICKLE_SUFFIXES)]
+        hint = f"; found {found[0]!r}, but pickled weights are never loaded" if found else ""
+        raise FileNotFoundError(f"{uri}: no {WEIGHTS_FILE}{hint}") from None
+    try:
+        state = st_load(raw)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{w_uri}: corrupt or truncated safetensors file ({len(raw)} bytes): {e}") from e
+    model = build_model(info.config)
+    load_exact(model, state, source=w_uri)
+    return model.to(device).eval(), info
+
+
+def load_exact(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """`load_state_dict(strict=True)` with an error that names every missing,
+    unexpected and mis-shaped tensor."""
+    problems = _diff_state(model.state_dict(), state)
+    if problems:
+        raise ValueError(f"{source} does not match the model's config: " + "; ".join(problems))
+    model.load_state_dict(state, strict=True)
+
+
+def _diff_state(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor],
+                allow_missing: Sequence[str] = ()) -> list[str]:
+    missing = [k for k in expected if k not in given and not any(k.endswith(s) for s in allow_missing)]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [f"{k} {tuple(given[k].shape)} vs {tuple(expected[k].shape)}"
+              for k in given if k in expected and given[k].shape != expected[k].shape]
+    out = []
+    if missing:
+        out.append(f"missing {missing}")
+    if unexpected:
+        out.append(f"unexpected {unexpected}")
+    if shapes:
+        out.append(f"shape mismatch (given vs model) {shapes}")
+    return out
+
+
+# --- VGG16 ImageNet weights -------------------------------------------------
+
+# Indices of the 13 convs in torchvision's `features` Sequential.
+_VGG16_CONVS = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
+_VGG16_BN_CONVS = (0, 3, 7, 10, 14, 17, 20, 24, 27, 30, 34, 37, 40)
+_BN_KEYS = ("weight", "bias", "running_mean", "running_var")
+
+
+def vgg16_to_deconvnet(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A torchvision `vgg16`/`vgg16_bn` state dict -> our encoder + fc6/fc7 keys.
+
+    The classifier's Linear fc6 (4096, 25088) becomes the 7x7 conv fc6
+    (4096, 512, 7, 7) and fc7 (4096, 4096) the 1x1 conv fc7, as timm's
+    `_convert_vgg` does. classifier.6 (the 1000 ImageNet classes) is dropped.
+    """
+    bn = "features.1.running_mean" in state
+    convs = _VGG16_BN_CONVS if bn else _VGG16_CONVS
+    if f"features.{convs[0]}.weight" not in state:
+        raise ValueError("not a torchvision vgg16/vgg16_bn state dict: no 'features.0.weight'; "
+                         f"first keys are {list(state)[:5]}")
+    out: dict[str, torch.Tensor] = {}
+    for i, src in enumerate(convs):
+        for p in ("weight", "bias"):
+            if f"features.{src}.{p}" in state:
+                out[f"features.{i}.conv.{p}"] = state[f"features.{src}.{p}"]
+        if bn:
+            for p in _BN_KEYS:
+                if f"features.{src + 1}.{p}" in state:
+                    out[f"features.{i}.bn.{p}"] = state[f"features.{src + 1}.{p}"]
+    for src, dst in (("classifier.0", "fc6"), ("classifier.3", "fc7")):
+        if f"{src}.weight" in state:
+            w = state[f"{src}.weight"]  # (out, in) Linear
+            c5 = out["features.12.conv.weight"].shape[0] if "features.12.conv.weight" in out else 512
+            k = int(round((w.shape[1] // c5) ** 0.5)) if dst == "fc6" else 1
+            out[f"{dst}.conv.weight"] = w.reshape(w.shape[0], -1, k, k)
+            out[f"{dst}.conv.bias"] = state[f"{src}.bias"]
+    return out
+
+
+def read_state_dict(uri: str, storage_options: storage.StorageOptions | None = None) -> dict[str, torch.Tensor]:
+    """A state dict from a `.safetensors` file or a torch `.pth` file, read with
+    `weights_only=True` (tensors only, no arbitrary objects)."""
+    raw = storage.read_bytes(uri, storage_options)
+    if _looks_like_safetensors(raw):
+        return st_load(raw)
+    try:
+        obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for foreign files
+        raise ValueError(f"{uri}: not a safetensors or torch weights file: {e}") from e
+    for key in ("state_dict", "model"):  # common checkpoint wrappers
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{uri}: expected a state dict, got {type(obj).__name__}")
+    return dict(obj)
+
+
+def _looks_like_safetensors(raw: bytes) -> bool:
+    if len(raw) < 10:
+        return False
+    n = int.from_bytes(raw[:8], "little")
+    return 0 < n <= len(raw) - 8 and raw[8:9] == b"{"
+
+
+def init_from_vgg16(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Copy VGG16 weights into the encoder and fc6/fc7 of a DeconvNet or FCN-8s.
+
+    Every tensor of the converted dict must exist in the model with the same
+    shape, and every encoder conv and fc6/fc7 must be covered; otherwise
+    ValueError names the offending keys. Returns the keys that were loaded.
+    """
+    converted = vgg16_to_deconvnet(state)
+    target = model.state_dict()
+    wanted = {k: v for k, v in target.items()
+              if k.startswith(("features.", "fc6.conv", "fc7.conv"))}
+    # BN statistics are only expected when the VGG file had BN (vgg16_bn).
+    has_bn = any(".bn." in k for k in converted)
+    optional = () if has_bn else tuple(f".bn.{p}" for p in (*_BN_KEYS, "num_batches_tracked"))
+    problems = _diff_state(wanted, converted, allow_missing=(*optional, "num_batches_tracked"))
+    if problems:
+        raise ValueError("VGG16 weights do not fit this model: " + "; ".join(problems))
+    model.load_state_dict(converted, strict=False)
+    return sorted(converted)
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def palette_array(info: ModelInfo) -> np.ndarray:
+    return np.asarray(info.palette, dtype=np.uint8)
