@@ -1,0 +1,208 @@
+"""Instance-wise inference: crop every proposal, run the network in fixed-size
+batches, paste the maps back and merge them per image (the paper, section 4).
+
+    seg = Segmenter.from_model_dir("models/tiny")
+    probs = seg.segment([image], [boxes])[0]      # (C, H, W) float32, sums to 1 over C
+
+For each image (H, W, 3 uint8) and its boxes (K, 4 xyxy pixels, may leave the
+image): every box is rounded to whole pixels, cropped from the image padded by
+its own size on each side (zeros after normalisation, i.e. the mean colour),
+resized bilinearly to 224x224, and the network's softmax is resized back to the
+box and merged into an image-sized C x H x W map by pixel-wise maximum (from
+zeros, as the original) or by mean over the proposals that cover each pixel.
+
+Proposals of many images are packed into forward batches of exactly
+`batch_size` crops (the last one may be short), cropped lazily per batch, so
+peak memory depends on `batch_size` and on the merged maps, never on how many
+proposals there are. Crops are one `grid_sample` per image and batch; paste-back
+is one `interpolate` + slice-max per proposal, whose cost is the box's area.
+On CUDA the forward runs in bf16 autocast with channels_last.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .weights import ModelInfo, load_model_dir
+
+AGGREGATES = ("max", "mean")
+ENSEMBLES = ("mean", "product")
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    batch_size: int = 32  # proposals per forward; bounds activation memory
+    input_size: int = 224  # the network's proposal size, as trained
+    aggregate: str = "max"  # "max" (the paper) or "mean" over covering proposals
+    ensemble: str = "mean"  # with FCN-8s: "mean" of probabilities (paper) or "product"
+    dtype: str = "auto"  # "auto" = bf16 on CUDA, fp32 on CPU; or "fp32" / "bf16"
+    channels_last: bool | None = None  # None = on for CUDA
+
+    def __post_init__(self):
+        if self.aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
+        if self.ensemble not in ENSEMBLES:
+            raise ValueError(f"ensemble must be one of {ENSEMBLES}, got {self.ensemble!r}")
+        if self.dtype not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"dtype must be auto, fp32 or bf16, got {self.dtype!r}")
+        if self.batch_size < 1 or self.input_size % 32:
+            raise ValueError("batch_size must be >= 1 and input_size a multiple of 32")
+
+
+def integer_boxes(boxes: np.ndarray) -> np.ndarray:
+    """(K, 4) float xyxy -> (K, 4) int64 pixel boxes [x1, x2) x [y1, y2), each at
+    least one pixel wide. Crop and paste-back both use these, so they agree."""
+    b = np.round(np.asarray(boxes, dtype=np.float64)).astype(np.int64).reshape(-1, 4)
+    b[:, 2] = np.maximum(b[:, 2], b[:, 0] + 1)
+    b[:, 3] = np.maximum(b[:, 3], b[:, 1] + 1)
+    return b
+
+
+def crop_boxes(image: torch.Tensor, boxes: np.ndarray, size: int) -> torch.Tensor:
+    """Crop integer boxes from a normalised (3, H, W) image and resize each to
+    size x size bilinearly: (K, 3, size, size). Outside the image is zero.
+
+    Output pixel u of a box [x1, x2) samples image coordinate
+    x1 + (u + 0.5) * (x2 - x1) / size - 0.5, i.e. the box's own pixels resized
+    with half-pixel centres, the same convention `interpolate` uses.
+    """
+    _, h, w = image.shape
+    b = torch.as_tensor(boxes, dtype=torch.float32, device=image.device)  # (K, 4)
+    x1, y1, x2, y2 = b.unbind(1)
+    theta = torch.zeros(len(b), 2, 3, device=image.device)
+    theta[:, 0, 0] = (x2 - x1) / w
+    theta[:, 0, 2] = (x1 + x2) / w - 1
+    theta[:, 1, 1] = (y2 - y1) / h
+    theta[:, 1, 2] = (y1 + y2) / h - 1
+    grid = F.affine_grid(theta, [len(b), 3, size, size], align_corners=False)  # (K, size, size, 2)
+    # One image, all its boxes: stack the K grids vertically instead of copying the image K times.
+    out = F.grid_sample(image[None], grid.reshape(1, len(b) * size, size, 2).to(image.dtype),
+                        mode="bilinear", padding_mode="zeros", align_corners=False)  # (1, 3, K*size, size)
+    return out.reshape(3, len(b), size, size).transpose(0, 1)  # (K, 3, size, size)
+
+
+class MergedMap:
+    """Accumulates proposal maps into one (C, H, W) image map."""
+
+    def __init__(self, num_classes: int, height: int, width: int, aggregate: str, device):
+        self.aggregate = aggregate
+        self.scores = torch.zeros(num_classes, height, width, device=device)  # (C, H, W)
+        self.count = torch.zeros(1, height, width, device=device) if aggregate == "mean" else None
+
+    def paste(self, probs: torch.Tensor, box: Sequence[int]) -> None:
+        """Resize one proposal's (C, s, s) map to its box and merge the part of
+        the box that lies inside the image."""
+        x1, y1, x2, y2 = (int(v) for v in box)
+        _, h, w = self.scores.shape
+        ix1, iy1, ix2, iy2 = max(x1, 0), max(y1, 0), min(x2, w), min(y2, h)
+        if ix1 >= ix2 or iy1 >= iy2:
+            return  # box entirely outside the image
+        up = F.interpolate(probs[None].float(), size=(y2 - y1, x2 - x1), mode="bilinear",
+                           align_corners=False)[0]  # (C, y2-y1, x2-x1)
+        part = up[:, iy1 - y1: iy2 - y1, ix1 - x1: ix2 - x1]
+        region = self.scores[:, iy1:iy2, ix1:ix2]
+        if self.count is None:
+            torch.maximum(region, part, out=region)
+        else:
+            region += part
+            self.count[:, iy1:iy2, ix1:ix2] += 1
+
+    def result(self) -> torch.Tensor:
+        """(C, H, W) probabilities: the merged scores renormalised over classes."""
+        s = self.scores if self.count is None else self.scores / self.count.clamp(min=1)
+        return s / s.sum(0, keepdim=True).clamp(min=1e-12)
+
+
+class Segmenter:
+    """A loaded model that turns images and their proposals into merged maps.
+    Used as is by the CLI and inside the pipeline's GPU actors."""
+
+    def __init__(self, model: nn.Module, info: ModelInfo, config: SegmenterConfig = SegmenterConfig(),
+                 device: str | torch.device | None = None,
+                 fcn: tuple[nn.Module, ModelInfo] | None = None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.config = config
+        self.info = info
+        cuda = self.device.type == "cuda"
+        self.dtype = {"auto": torch.bfloat16 if cuda else torch.float32,
+                      "bf16": torch.bfloat16, "fp32": torch.float32}[config.dtype]
+        self.channels_last = cuda if config.channels_last is None else config.channels_last
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.model = model.eval().to(self.device, memory_format=fmt)
+        self.mean = torch.tensor(info.mean, device=self.device).view(3, 1, 1) * 255
+        self.std = torch.tensor(info.std, device=self.device).view(3, 1, 1) * 255
+        self.fcn = None
+        if fcn is not None:
+            fcn_model, fcn_info = fcn
+            if fcn_info.classes != info.classes:
+                raise ValueError(f"FCN-8s classes {fcn_info.classes} differ from DeconvNet's {info.classes}")
+            if fcn_info.config.arch != "fcn8s":
+                raise ValueError(f"--fcn-model must be an FCN-8s model, got arch {fcn_info.config.arch!r}")
+            self.fcn = fcn_model.eval().to(self.device, memory_format=fmt)
+            self.fcn_mean = torch.tensor(fcn_info.mean, device=self.device).view(3, 1, 1) * 255
+            self.fcn_std = torch.tensor(fcn_info.std, device=self.device).view(3, 1, 1) * 255
+
+    @classmethod
+    def from_model_dir(cls, uri: str, config: SegmenterConfig = SegmenterConfig(),
+                       device: str | torch.device | None = None, fcn_uri: str | None = None,
+                       storage_options=None) -> Segmenter:
+        model, info = load_model_dir(uri, storage_options=storage_options)
+        fcn = load_model_dir(fcn_uri, storage_options=storage_options) if fcn_uri else None
+        return cls(model, info, config, device, fcn)
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.config.num_classes
+
+    def _to_device(self, image: np.ndarray) -> torch.Tensor:
+        assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8, \
+            f"expected (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}"
+        t = torch.from_numpy(np.ascontiguousarray(image))
+        if self.device.type == "cuda":
+            t = t.pin_memory().to(self.device, non_blocking=True)
+        return t.permute(2, 0, 1).float()  # (3, H, W), 0..255
+
+    def _forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            logits = model(x)
+        return logits.float().softmax(1)  # (B, C, h, w)
+
+    @torch.inference_mode()
+    def segment(self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Merged (C, H, W) float32 probability maps, one per image."""
+        assert len(images) == len(boxes), f"{len(images)} images but {len(boxes)} box arrays"
+        cfg, s = self.config, self.config.input_size
+        raw = [self._to_device(im) for im in images]  # (3, H, W) each
+        normed = [(r - self.mean) / self.std for r in raw]
+        merged = [MergedMap(self.num_classes, r.shape[1], r.shape[2], cfg.aggregate, self.device) for r in raw]
+        int_boxes = [integer_boxes(b) for b in boxes]
+        # Every (image, box) pair in order, cut into forward batches of batch_size.
+        owner = np.concatenate([np.full(len(b), i) for i, b in enumerate(int_boxes)]) if int_boxes else np.zeros(0)
+        flat = np.concatenate(int_boxes) if int_boxes else np.zeros((0, 4), np.int64)
+        for start in range(0, len(flat), cfg.batch_size):
+            idx = slice(start, start + cfg.batch_size)
+            who, bx = owner[idx], flat[idx]  # `who` is sorted: images are contiguous
+            crops = torch.cat([crop_boxes(normed[i], bx[who == i], s) for i in np.unique(who)])  # (B, 3, s, s)
+            probs = self._forward(self.model, crops)  # (B, C, s, s), rows in the order of bx
+            for p, i, box in zip(probs, who, bx):
+                merged[i].paste(p, box)
+        out = [m.result() for m in merged]
+        if self.fcn is not None:
+            out = [self._ensemble(p, r) for p, r in zip(out, raw)]
+        return [p.cpu().numpy() for p in out]
+
+    def _ensemble(self, probs: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+        """EDeconvNet: combine with FCN-8s run on the whole image."""
+        fcn = self._forward(self.fcn, ((raw - self.fcn_mean) / self.fcn_std)[None])[0]  # (C, H, W)
+        if self.config.ensemble == "mean":  # the paper's rule
+            return (probs + fcn) / 2
+        prod = probs.clamp(min=0) * fcn.clamp(min=0)  # the original code's product
+        return prod / prod.sum(0, keepdim=True).clamp(min=1e-12)

@@ -1,0 +1,130 @@
+"""Crop, forward in mixed batches, paste back and merge (deconvnet.segmenter)."""
+
+import numpy as np
+import pytest
+import torch
+
+from deconvnet.model import PRESETS, DeconvNet
+from deconvnet.segmenter import MergedMap, Segmenter, SegmenterConfig, crop_boxes, integer_boxes
+from deconvnet.weights import ModelInfo
+
+
+def one_hot_map(c: int, cls: int, s: int) -> torch.Tensor:
+    m = torch.zeros(c, s, s)
+    m[cls] = 1
+    return m
+
+
+def test_max_merge_of_a_corner_box_and_two_overlapping_boxes():
+    m = MergedMap(3, 6, 8, "max", "cpu")
+    corner = one_hot_map(3, 1, 4) * 0.9  # class 1 at 0.9 in the top-left corner
+    m.paste(corner, (0, 0, 3, 2))
+    a = torch.zeros(3, 4, 4); a[2] = 0.6; a[0] = 0.4
+    b = torch.zeros(3, 4, 4); b[2] = 0.3; b[0] = 0.7
+    m.paste(a, (2, 1, 6, 5))
+    m.paste(b, (4, 3, 8, 6))
+    s = m.scores
+    assert torch.allclose(s[1, :2, :3], torch.tensor(0.9)) and s[1, 2:].sum() == 0
+    assert torch.allclose(s[2, 1:5, 2:6], torch.tensor(0.6))  # box a, max over b's 0.3 where they overlap
+    assert torch.allclose(s[2, 5, 6:8], torch.tensor(0.3))  # only b
+    assert torch.allclose(s[0, 3:5, 4:6], torch.tensor(0.7))  # overlap: max(0.4, 0.7)
+    assert s[:, 5, 0].sum() == 0  # uncovered pixels stay at zero
+    p = m.result()
+    assert torch.allclose(p[:, 3, 4], torch.tensor([0.7, 0.0, 0.6]) / 1.3)
+
+
+def test_mean_merge_averages_over_covering_proposals_only():
+    m = MergedMap(2, 4, 4, "mean", "cpu")
+    a = torch.zeros(2, 2, 2); a[1] = 0.8; a[0] = 0.2
+    b = torch.zeros(2, 2, 2); b[1] = 0.4; b[0] = 0.6
+    m.paste(a, (0, 0, 4, 4))
+    m.paste(b, (2, 2, 4, 4))
+    p = m.result()
+    assert torch.allclose(p[1, 0, 0], torch.tensor(0.8))  # covered once
+    assert torch.allclose(p[1, 3, 3], torch.tensor(0.6))  # (0.8 + 0.4) / 2
+
+
+def ramp(c: int, s: int) -> torch.Tensor:
+    """(c, s, s) map whose value at (y, x) is 100*y + x, so positions are readable."""
+    y, x = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
+    return (100 * y + x).float().expand(c, s, s).clone()
+
+
+def test_paste_back_is_exact_for_a_box_touching_the_border():
+    m = MergedMap(1, 10, 12, "max", "cpu")
+    m.paste(ramp(1, 4), (8, 6, 12, 10))  # bottom-right corner, same size: no resampling
+    assert torch.equal(m.scores[0, 6:10, 8:12], ramp(1, 4)[0])
+    assert m.scores[0, :6].sum() == 0 and m.scores[0, :, :8].sum() == 0
+
+
+def test_paste_back_is_exact_for_a_box_leaving_the_image():
+    m = MergedMap(1, 10, 12, "max", "cpu")
+    m.paste(ramp(1, 8) + 1, (-3, 5, 5, 13))  # 3 columns left of the image, 3 rows below it
+    expect = ramp(1, 8)[0, :5, 3:] + 1  # rows 0..4 (image rows 5..9), columns 3..7 (image cols 0..4)
+    assert torch.equal(m.scores[0, 5:10, 0:5], expect)
+    assert m.scores.sum() == expect.sum()
+
+
+def test_crop_outside_the_image_is_zero_and_inside_is_the_image():
+    img = torch.arange(1, 3 * 16 * 16 + 1, dtype=torch.float32).reshape(3, 16, 16)
+    crop = crop_boxes(img, np.array([[-4, -4, 12, 12], [2, 3, 10, 11]]), 16)[0]
+    assert crop[:, :4].abs().sum() == 0 and crop[:, :, :4].abs().sum() == 0
+    torch.testing.assert_close(crop[:, 4:, 4:], img[:, :12, :12], rtol=0, atol=1e-3)
+    same = crop_boxes(img, np.array([[2, 3, 10, 11]]), 8)[0]
+    torch.testing.assert_close(same, img[:, 3:11, 2:10], rtol=0, atol=1e-3)
+
+
+def test_integer_boxes_round_and_keep_one_pixel():
+    b = integer_boxes(np.array([[0.4, 0.6, 0.45, 10.5], [-3.2, 1, 7.7, 9]]))
+    assert b.tolist() == [[0, 1, 1, 10], [-3, 1, 8, 9]]
+
+
+@pytest.fixture(scope="module")
+def tiny_segmenter():
+    torch.manual_seed(0)
+    cfg = PRESETS["tiny"]
+    model = DeconvNet(cfg)
+    with torch.no_grad():  # a non-trivial scorer so maps differ between proposals
+        model.score.weight.normal_(std=1.0)
+        model.score.bias.normal_()
+    return lambda batch_size, aggregate="max": Segmenter(
+        model, ModelInfo(config=cfg), SegmenterConfig(batch_size=batch_size, aggregate=aggregate), "cpu")
+
+
+def _images_and_boxes():
+    rng = np.random.default_rng(0)
+    sizes = [(70, 90), (64, 64), (100, 50)]
+    images = [rng.integers(0, 256, (*s, 3), dtype=np.uint8) for s in sizes]
+    boxes = []
+    for h, w in sizes:
+        xy = rng.uniform(-10, min(h, w) / 2, (4, 2))
+        wh = rng.uniform(10, min(h, w) / 2, (4, 2))
+        boxes.append(np.concatenate([np.c_[xy, xy + wh], [[0, 0, w, h]]]).astype(np.float32))
+    return images, boxes
+
+
+@pytest.mark.parametrize("aggregate", ["max", "mean"])
+def test_mixed_batches_equal_images_alone(tiny_segmenter, aggregate):
+    images, boxes = _images_and_boxes()
+    mixed = tiny_segmenter(batch_size=4, aggregate=aggregate).segment(images, boxes)  # batches span images
+    alone = [tiny_segmenter(batch_size=5, aggregate=aggregate).segment([im], [b])[0]
+             for im, b in zip(images, boxes)]
+    for m, a, im in zip(mixed, alone, images):
+        assert m.shape == (21, *im.shape[:2])
+        np.testing.assert_allclose(m, a, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(m.sum(0), 1, rtol=1e-5)
+
+
+def test_same_input_gives_the_same_labels(tiny_segmenter):
+    images, boxes = _images_and_boxes()
+    seg = tiny_segmenter(batch_size=3)
+    a = [p.argmax(0) for p in seg.segment(images, boxes)]
+    b = [p.argmax(0) for p in seg.segment(images, boxes)]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_bad_options_are_clear_errors():
+    with pytest.raises(ValueError, match="aggregate"):
+        SegmenterConfig(aggregate="median")
+    with pytest.raises(ValueError, match="ensemble"):
+        SegmenterConfig(ensemble="vote")
