@@ -1,0 +1,244 @@
+"""Object proposals: the boxes DeconvNet segments one at a time (paper, section 4.1).
+
+A generator takes an (H, W, 3) uint8 RGB image and returns candidate boxes,
+best first, as an (K, 4) array of xyxy pixel coordinates inside the image.
+`propose` turns a generator's output into what the network sees:
+
+1. boxes snap to whole pixels; those with a side under `min_side` go, and so do
+   duplicates and the whole-image box (it is added back in step 4);
+2. the first `max_proposals` are kept;
+3. each is enlarged `enlarge` times around its centre, so it may now extend
+   beyond the image (the crop pads it);
+4. the whole image is appended, unenlarged, so every pixel is covered.
+
+So `propose` returns up to `max_proposals + 1` boxes, the whole image last, as
+float32. The same image and config always give the same boxes.
+
+Generators (`PROPOSAL_METHODS`):
+- `whole`: only the whole image (the segmenter then sees one 224x224 view).
+- `grid`: multi-scale sliding windows; needs nothing beyond numpy.
+- `selective-search`: OpenCV's selective search, fast mode.
+- `edgeboxes`: OpenCV's EdgeBoxes on structured edges, as the paper used; needs
+  the structured-edge model file (OpenCV's `model.yml.gz`) at `edge_model`.
+The last two need OpenCV's contrib modules (the `selective-search` extra).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from deconvnet import storage
+
+
+@dataclass(frozen=True)
+class ProposalConfig:
+    method: str = "grid"             # a key of PROPOSAL_METHODS; grid needs no model file
+    max_proposals: int = 50          # the paper segments EdgeBoxes' top 50, plus the whole image
+    enlarge: float = 1.2             # each box grows 1.2x around its centre, as in the paper
+    # Smaller boxes would be magnified more than 14x to the network's 224 px:
+    # they carry no context and would take the place of real objects.
+    min_side: int = 16
+    # Selective search and EdgeBoxes see the image downscaled to this longer
+    # side (None: full size); their cost grows with the pixel count, and
+    # 500 px is the size of a PASCAL VOC image.
+    max_side: int | None = 500
+    edge_model: str | None = None    # structured-edge model (path or URI) for `edgeboxes`
+
+    def __post_init__(self) -> None:
+        if self.method not in PROPOSAL_METHODS:
+            raise ValueError(f"unknown proposal method {self.method!r}; "
+                             f"choose one of {sorted(PROPOSAL_METHODS)}")
+        if self.method == "edgeboxes" and not self.edge_model:
+            raise ValueError("proposal method 'edgeboxes' needs a structured-edge model: pass "
+                             "edge_model=<path or URI of OpenCV's model.yml.gz> (or pick "
+                             "method='grid' or 'selective-search', which need no model file)")
+        if self.max_proposals < 0:
+            raise ValueError(f"max_proposals must be >= 0, got {self.max_proposals}")
+        if self.enlarge <= 0:
+            raise ValueError(f"enlarge must be > 0, got {self.enlarge}")
+        if self.min_side < 1:
+            raise ValueError(f"min_side must be >= 1, got {self.min_side}")
+        if self.max_side is not None and self.max_side < 1:
+            raise ValueError(f"max_side must be >= 1 or None, got {self.max_side}")
+
+
+def propose(image: np.ndarray, config: ProposalConfig) -> np.ndarray:
+    """Proposal boxes for one image: (K, 4) float32 xyxy, K <= max_proposals + 1,
+    the whole image `[0, 0, W, H]` last (see the module docstring)."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
+    h, w = image.shape[:2]
+    whole = np.array([[0, 0, w, h]], dtype=np.float64)  # (1, 4)
+    if config.max_proposals == 0:
+        return whole.astype(np.float32)
+    boxes = PROPOSAL_METHODS[config.method](image, config)  # (K, 4), best first
+    boxes = np.clip(np.rint(boxes), 0, [w, h, w, h])
+    sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    boxes = boxes[(sides >= config.min_side) & ~np.all(boxes == whole, axis=1)]
+    _, first = np.unique(boxes, axis=0, return_index=True)
+    boxes = boxes[np.sort(first)][: config.max_proposals]  # dedup, keeping the ranking
+    return np.concatenate([enlarge_boxes(boxes, config.enlarge), whole]).astype(np.float32)
+
+
+def enlarge_boxes(boxes: np.ndarray, factor: float) -> np.ndarray:
+    """Scale (K, 4) xyxy boxes by `factor` around their centres."""
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2  # (K, 2)
+    half = (boxes[:, 2:] - boxes[:, :2]) * (factor / 2)  # (K, 2)
+    return np.concatenate([centres - half, centres + half], axis=1)
+
+
+# ---------------------------------------------------------------- generators
+
+def whole_image(image: np.ndarray, config: ProposalConfig) -> np.ndarray:
+    h, w = image.shape[:2]
+    return np.array([[0, 0, w, h]], dtype=np.float64)
+
+
+def grid(image: np.ndarray, config: ProposalConfig) -> np.ndarray:
+    """Sliding windows at several scales, each with half-window overlap.
+
+    Level n (n = 2, 3, ...) tiles the image with n x n windows of 2/(n+1) of
+    its width and height, so every level covers the whole image. Levels are
+    added, coarse to fine, until there are `max_proposals` windows or the
+    windows would be smaller than `min_side`. The ranking takes one window of
+    each level in turn, and within a level the one farthest from those already
+    taken, so any prefix of it spreads over scales and positions.
+    """
+    h, w = image.shape[:2]
+    levels, count, n = [], 0, 2
+    while count < config.max_proposals and min(w, h) * 2 / (n + 1) >= config.min_side:
+        edges_x = np.rint(np.arange(n + 2) * w / (n + 1))  # window i spans edges i..i+2
+        edges_y = np.rint(np.arange(n + 2) * h / (n + 1))
+        x1, y1 = np.meshgrid(edges_x[:n], edges_y[:n])
+        x2, y2 = np.meshgrid(edges_x[2:], edges_y[2:])
+        boxes = np.stack([x1.ravel(), y1.ravel(), x2.ravel(), y2.ravel()], axis=1)  # (n*n, 4)
+        levels.append(boxes[_spread_order(boxes)])
+        count += n * n
+        n += 1
+    return _interleave(levels)
+
+
+def selective_search(image: np.ndarray, config: ProposalConfig) -> np.ndarray:
+    """OpenCV's selective search (fast mode) on the image downscaled to `max_side`.
+
+    OpenCV ranks its boxes with C's `rand()`, which `cv2.setRNGSeed` does not
+    seed, so its order changes from run to run while the set of boxes does not.
+    The set is therefore ranked here, deterministically: one box per
+    half-octave of scale in turn, coarse to fine, spread over positions within
+    a scale (as `grid` ranks its windows).
+    """
+    cv2 = _cv2()
+    small, scale = _downscale(image, config.max_side)
+    search = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+    search.setBaseImage(cv2.cvtColor(small, cv2.COLOR_RGB2BGR))
+    search.switchToSelectiveSearchFast()
+    xywh = search.process().astype(np.float64).reshape(-1, 4)  # (K, 4)
+    boxes = np.unique(np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1), axis=0)
+    areas = np.maximum((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), 1)
+    # Scale bins of half an octave of side: log2 of the area ratio to the image.
+    octaves = np.floor(np.log2(small.shape[0] * small.shape[1] / areas)).astype(int)
+    groups = [boxes[octaves == o] for o in np.unique(octaves)]
+    return _interleave([g[_spread_order(g)] for g in groups]) / scale
+
+
+def edgeboxes(image: np.ndarray, config: ProposalConfig) -> np.ndarray:
+    """EdgeBoxes (Zitnick and Dollar, 2014) on structured edges, as the paper used;
+    OpenCV's default parameters, boxes in order of their objectness score."""
+    cv2 = _cv2()
+    detector = _edge_detector(config.edge_model)
+    small, scale = _downscale(image, config.max_side)
+    edges = detector.detectEdges(small.astype(np.float32) / 255)  # wants RGB in [0, 1]
+    orientation = detector.computeOrientation(edges)
+    edges = detector.edgesNms(edges, orientation)
+    # Twice the boxes that are kept: headroom for those the min_side filter drops.
+    finder = cv2.ximgproc.createEdgeBoxes(maxBoxes=2 * config.max_proposals)
+    xywh, _ = finder.getBoundingBoxes(edges, orientation)
+    xywh = np.asarray(xywh, dtype=np.float64).reshape(-1, 4)  # (K, 4)
+    return np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1) / scale
+
+
+ProposalFn = Callable[[np.ndarray, ProposalConfig], np.ndarray]
+
+PROPOSAL_METHODS: dict[str, ProposalFn] = {
+    "whole": whole_image,
+    "grid": grid,
+    "selective-search": selective_search,
+    "edgeboxes": edgeboxes,
+}
+
+
+# ------------------------------------------------------------------- helpers
+
+def _spread_order(boxes: np.ndarray) -> np.ndarray:
+    """Indices that rank (K, 4) boxes so any prefix spreads over the image: first
+    the box whose centre is nearest the centroid, then each time the box farthest
+    from all those taken (greedy farthest-point order; ties go to the lower index)."""
+    if len(boxes) == 0:
+        return np.zeros(0, dtype=int)
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2  # (K, 2)
+    order = [int(np.argmin(np.linalg.norm(centres - centres.mean(axis=0), axis=1)))]
+    nearest = np.full(len(boxes), np.inf)  # distance to the closest box taken
+    for _ in range(len(boxes) - 1):
+        nearest = np.minimum(nearest, np.linalg.norm(centres - centres[order[-1]], axis=1))
+        nearest[order[-1]] = -1  # boxes with equal centres must not be taken twice
+        order.append(int(np.argmax(nearest)))
+    return np.array(order)
+
+
+def _interleave(groups: list[np.ndarray]) -> np.ndarray:
+    """Round-robin over ranked groups of boxes: the first of each, then the second..."""
+    if not groups:
+        return np.zeros((0, 4))
+    ranks = np.concatenate([np.arange(len(g)) for g in groups])
+    return np.concatenate(groups)[np.argsort(ranks, kind="stable")]
+
+
+def _downscale(image: np.ndarray, max_side: int | None) -> tuple[np.ndarray, float]:
+    """The image with its longer side at most `max_side`, and the factor applied."""
+    h, w = image.shape[:2]
+    if max_side is None or max(h, w) <= max_side:
+        return image, 1.0
+    scale = max_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR)), scale
+
+
+def _cv2() -> Any:
+    try:
+        import cv2
+
+        cv2.ximgproc  # only in the contrib build
+    except (ImportError, AttributeError) as e:
+        raise ImportError(
+            "proposal methods 'selective-search' and 'edgeboxes' need OpenCV's contrib "
+            "modules: pip install 'deconvnet-at-scale[selective-search]' "
+            "(opencv-contrib-python-headless)") from e
+    return cv2
+
+
+@functools.lru_cache(maxsize=4)
+def _edge_detector(model_uri: str) -> Any:
+    """The structured-edge detector, loaded once per process and model. OpenCV
+    reads only local files, so the model goes through a temporary copy; the name
+    keeps its suffixes because OpenCV tells a gzipped model by its `.gz`."""
+    cv2 = _cv2()
+    data = storage.read_bytes(model_uri)
+    suffix = "".join(PurePosixPath(model_uri).suffixes)
+    fd, path = tempfile.mkstemp(suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return cv2.ximgproc.createStructuredEdgeDetection(path)
+    except cv2.error as e:
+        raise ValueError(f"not a structured-edge model: {model_uri}") from e
+    finally:
+        os.remove(path)

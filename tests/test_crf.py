@@ -1,0 +1,88 @@
+"""Dense CRF: it sharpens a coarse probability map along colour edges; presets,
+overrides and the reduced-resolution path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deconvnet.crf import CRF_PRESETS, CRFConfig, crf_config, dense_crf
+
+H, W = 80, 96
+
+
+@pytest.fixture(scope="module")
+def two_regions() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A red region under a wavy boundary in a blue image, its true mask, and a
+    (2, H, W) probability map as coarse as a network's: the mask downsampled
+    8x, upsampled bilinearly, with pixel noise."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:H, :W]
+    mask = yy > H / 2 + 10 * np.sin(xx / 7)  # (H, W)
+    image = np.where(mask[..., None], [200, 60, 50], [50, 90, 190])
+    image = np.clip(image + rng.integers(-15, 16, image.shape), 0, 255).astype(np.uint8)
+    coarse = Image.fromarray(mask.astype(np.float32)).resize((W // 8, H // 8), Image.BILINEAR)
+    p = np.asarray(coarse.resize((W, H), Image.BILINEAR)) * 0.8 + 0.1
+    p = np.clip(p + rng.normal(0, 0.1, p.shape), 0.02, 0.98)
+    return image, mask, np.stack([1 - p, p]).astype(np.float32)
+
+
+def iou(pred: np.ndarray, truth: np.ndarray) -> float:
+    return (pred & truth).sum() / (pred | truth).sum()
+
+
+@pytest.mark.parametrize("preset", sorted(CRF_PRESETS))
+def test_crf_improves_a_coarse_map_along_colour_edges(two_regions, preset):
+    image, mask, probs = two_regions
+    before = iou(probs.argmax(axis=0) == 1, mask)
+    labels, confidence = dense_crf(image, probs, crf_config(preset))
+    assert labels.shape == (H, W) and labels.dtype == np.uint8
+    assert confidence.shape == (H, W) and confidence.dtype == np.float32
+    assert iou(labels == 1, mask) > before + 0.03
+    assert 0.5 <= confidence.min() and confidence.max() <= 1.0 + 1e-6
+
+
+def test_read_only_inputs_are_accepted(two_regions):
+    """Images decoded by PIL come as read-only arrays; pydensecrf wants writable ones."""
+    image, _, probs = two_regions
+    image, probs = image.copy(), probs.copy()
+    image.flags.writeable = probs.flags.writeable = False
+    expected, _ = dense_crf(image.copy(), probs.copy())
+    np.testing.assert_array_equal(dense_crf(image, probs)[0], expected)
+
+
+def test_max_side_returns_full_size_labels_that_mostly_agree(two_regions):
+    image, mask, probs = two_regions
+    full, _ = dense_crf(image, probs, crf_config("paper"))
+    labels, confidence = dense_crf(image, probs, crf_config("paper", max_side=48))
+    assert labels.shape == (H, W) and confidence.shape == (H, W)
+    assert (labels == full).mean() > 0.97
+    assert iou(labels == 1, mask) > iou(probs.argmax(axis=0) == 1, mask)
+
+
+def test_presets_differ_and_match_their_sources():
+    assert CRF_PRESETS["paper"] == CRFConfig(gauss_sxy=3, gauss_compat=3, bilateral_sxy=20,
+                                             bilateral_srgb=3, bilateral_compat=5, iterations=10)
+    assert CRF_PRESETS["deeplab"] == CRFConfig(gauss_sxy=1, gauss_compat=3, bilateral_sxy=67,
+                                               bilateral_srgb=3, bilateral_compat=4, iterations=10)
+    assert CRF_PRESETS["paper"] != CRF_PRESETS["deeplab"]
+
+
+def test_overrides_apply_to_the_preset():
+    config = crf_config("deeplab", iterations=5, max_side=500)
+    assert (config.iterations, config.max_side, config.bilateral_sxy) == (5, 500, 67)
+    with pytest.raises(TypeError):
+        crf_config("paper", no_such_field=1)
+
+
+def test_unknown_preset_lists_choices():
+    with pytest.raises(ValueError, match="deeplab") as err:
+        crf_config("fast")
+    assert "paper" in str(err.value)
+
+
+def test_probs_must_match_the_image():
+    image = np.zeros((10, 12, 3), np.uint8)
+    with pytest.raises(ValueError, match="probs"):
+        dense_crf(image, np.full((2, 12, 10), 0.5, np.float32))
