@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import posixpath
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -97,28 +98,53 @@ def isdir(uri: str, storage_options: StorageOptions | None = None) -> bool:
     return fs.isdir(path)
 
 
-def list_files(
+@dataclass(frozen=True)
+class FileInfo:
+    uri: str
+    size: int
+    version: str  # ETag on object stores, mtime on disks: changes when the content does
+
+
+def list_files_detail(
     uri: str,
     suffixes: Iterable[str] | None = None,
     storage_options: StorageOptions | None = None,
-) -> list[str]:
-    """Every file under a prefix (recursively), or the file itself, as sorted URIs.
+) -> list[FileInfo]:
+    """Every file under a prefix (recursively), or the file itself, sorted by URI.
 
-    `suffixes` (lower-case, with the dot) keeps only matching names. A prefix
+    `suffixes` (with the dot, any case) keeps only matching names. A prefix
     that holds nothing is an empty list; one that does not exist raises
     `FileNotFoundError(uri)`.
     """
     fs, path = url_to_fs(uri, storage_options)
     fs.invalidate_cache()  # other processes (Ray workers) may have written since
     if fs.isfile(path):
-        return [uri] if _matches(uri, suffixes) else []
-    if not fs.isdir(path):
+        found = {"": fs.info(path)}
+    elif fs.isdir(path):
+        root = path.rstrip("/")
+        found = {p[len(root):]: info for p, info in fs.find(root, detail=True).items()
+                 if info.get("type") != "directory"}
+    else:
         raise FileNotFoundError(uri)
-    root = path.rstrip("/")
-    found = (p for p, info in fs.find(root, detail=True).items() if info.get("type") != "directory")
     # Rebuild each URI from the user's prefix so its style (protocol, slashes) is kept.
-    uris = (join(uri, p[len(root):]) for p in found)
-    return sorted(u for u in uris if _matches(u, suffixes))
+    out = [FileInfo(join(uri, rel), int(info.get("size") or 0), _version(info)) for rel, info in found.items()]
+    return sorted((f for f in out if _matches(f.uri, suffixes)), key=lambda f: f.uri)
+
+
+def _version(info: Mapping[str, Any]) -> str:
+    for k in ("ETag", "etag", "mtime", "LastModified", "updated", "created"):
+        if info.get(k) is not None:
+            return str(info[k]).strip('"')
+    return ""
+
+
+def list_files(
+    uri: str,
+    suffixes: Iterable[str] | None = None,
+    storage_options: StorageOptions | None = None,
+) -> list[str]:
+    """The URIs of `list_files_detail`."""
+    return [f.uri for f in list_files_detail(uri, suffixes, storage_options)]
 
 
 def _matches(uri: str, suffixes: Iterable[str] | None) -> bool:

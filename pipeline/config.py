@@ -1,0 +1,45 @@
+"""The segment job's configuration: one frozen dataclass, parsed from the
+command line by jobs/segment_dataset.py and recorded in the run's record."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from deconvnet import storage
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+@dataclass(frozen=True)
+class SegmentJobConfig:
+    input: str  # prefix or single file, any fsspec URI or local path
+    output: str  # masks/, overlays/, predictions/, runs/ go under it
+    model: str  # DeconvNet model directory
+    fcn_model: str | None = None  # FCN-8s model directory: EDeconvNet ensemble
+    ensemble: str = "mean"  # the paper's rule; "product" as the original code
+    proposals: str = "grid"  # needs no model file; "edgeboxes" is the paper's
+    edge_model: str | None = None  # structured-edge model for edgeboxes
+    max_proposals: int = 50  # the paper's top 50 (+ the whole image)
+    aggregate: str = "max"  # pixel-wise max over proposals, as the paper
+    crf: str = "paper"  # "paper", "deeplab" or "none"
+    crf_max_side: int | None = None  # run the CRF on at most this longer side
+    batch_size: int = 32  # proposals per forward pass; bounds GPU memory
+    images_per_batch: int = 8  # images handed to a segment actor per call
+    gpu_actors: tuple[int, int] | None = None  # (min, max); None = one per GPU, 1 on CPU
+    gpus_per_actor: float = 1.0
+    cpus_per_actor: float = 1.0  # CPU actors (no GPU): torch threads per actor
+    crf_cpus: int | None = None  # CRF tasks at once; None = as many as free CPUs
+    limit: int | None = None  # only the first N inputs (sorted), for trials
+    incremental: bool = True  # skip inputs already labelled by this model
+    overlays: bool = False  # also write colour overlays as JPEG
+    fail_on_error: bool = False  # exit 1 when any input is an error row
+    rows_per_part: int = 5000  # Parquet rows per part file written by the driver
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        """The config as written to runs/<id>.json: secrets redacted."""
+        d = dataclasses.asdict(self)
+        d["storage_options"] = storage.redact(self.storage_options)
+        return d

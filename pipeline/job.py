@@ -1,0 +1,132 @@
+"""The segment job's plan: list on the driver, then a Ray Data pipeline
+
+    from_items ─> load (CPU) ─> Segment (actor pool, GPU) ─> refine (CPU) ─> write (CPU) ─> driver
+
+and Parquet parts written by the driver as results stream back. Every resource
+setting of the job (batch sizes, GPUs, pool sizes, CRF parallelism) is here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import ray
+
+from deconvnet import storage
+from deconvnet.crf import crf_config
+from deconvnet.proposals import ProposalConfig
+from deconvnet.segmenter import SegmenterConfig
+from deconvnet.weights import ModelInfo, now_iso, palette_array, read_model_info
+
+from . import stages
+from .config import IMAGE_SUFFIXES, SegmentJobConfig
+from .outputs import PredictionWriter, input_root, new_run_id, read_done, relative_key, write_run_record
+
+
+class JobFailed(RuntimeError):
+    """The run stopped; what finished is recorded in runs/<run_id>.json."""
+
+
+def plan(cfg: SegmentJobConfig, todo: list[dict[str, Any]], info: ModelInfo, run_id: str) -> ray.data.Dataset:
+    opts = cfg.storage_options
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if cfg.gpu_actors:
+        lo, hi = cfg.gpu_actors
+    else:  # one actor per GPU; on a CPU-only cluster, one CPU actor
+        lo = hi = max(1, int(gpus // cfg.gpus_per_actor)) if gpus else 1
+    actor_resources = {"num_gpus": cfg.gpus_per_actor} if gpus else {"num_cpus": cfg.cpus_per_actor}
+    with_crf = cfg.crf != "none"
+
+    ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), len(todo) // cfg.images_per_batch)))
+    proposals = ProposalConfig(method=cfg.proposals, max_proposals=cfg.max_proposals, edge_model=cfg.edge_model)
+    # Reading and decoding wait on storage as much as they compute: half a CPU
+    # each. The different request also keeps Ray from fusing them into the
+    # segment actor, where they would stall the model.
+    ds = ds.map_batches(stages.load, batch_size=cfg.images_per_batch, num_cpus=0.5,
+                        fn_kwargs={"proposals": proposals, "storage_options": opts})
+    ds = ds.map_batches(
+        stages.Segment, batch_size=cfg.images_per_batch,
+        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+        fn_constructor_kwargs={
+            "model": cfg.model, "fcn_model": cfg.fcn_model,
+            "config": SegmenterConfig(batch_size=cfg.batch_size, aggregate=cfg.aggregate, ensemble=cfg.ensemble),
+            "with_crf": with_crf, "keep_image": with_crf or cfg.overlays,
+            "cpu_threads": int(cfg.cpus_per_actor), "storage_options": opts},
+        # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1: a
+        # lost actor is replaced and its batch retried; writes are idempotent.
+        **actor_resources)
+    if with_crf:
+        crf = crf_config(cfg.crf, max_side=cfg.crf_max_side)
+        ds = ds.map_batches(stages.refine, batch_size=1, num_cpus=1,
+                            compute=ray.data.TaskPoolStrategy(size=cfg.crf_cpus) if cfg.crf_cpus else None,
+                            fn_kwargs={"crf": crf, "keep_image": cfg.overlays})
+    ds = ds.map_batches(stages.write, batch_size=cfg.images_per_batch, num_cpus=1, fn_kwargs={
+        "output": cfg.output, "num_classes": info.config.num_classes, "palette": palette_array(info),
+        "overlays": cfg.overlays, "model_id": info.model_id, "run_id": run_id, "storage_options": opts})
+    return ds
+
+
+def _rows(batch: dict[str, np.ndarray], classes: tuple[str, ...]) -> list[dict[str, Any]]:
+    rows = []
+    for i in range(len(batch["image_uri"])):
+        pixels = [int(v) for v in batch["class_pixels"][i]]
+        rows.append({
+            "image_uri": str(batch["image_uri"][i]), "mask_uri": str(batch["mask_uri"][i]),
+            "overlay_uri": str(batch["overlay_uri"][i]), "status": str(batch["status"][i]),
+            "error": str(batch["error"][i]), "permanent": bool(batch["permanent"][i]),
+            "width": int(batch["width"][i]), "height": int(batch["height"][i]),
+            "classes": [classes[k] for k, v in enumerate(pixels) if v],
+            "class_pixels": pixels, "mean_confidence": float(batch["mean_confidence"][i]),
+            "num_proposals": int(batch["num_proposals"][i]), "source_size": int(batch["source_size"][i]),
+            "source_version": str(batch["source_version"][i]), "model_id": str(batch["model_id"][i]),
+            "run_id": str(batch["run_id"][i]), "seconds": float(batch["seconds"][i]),
+        })
+    return rows
+
+
+def run(cfg: SegmentJobConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the job; returns the run record (also written to runs/<run_id>.json).
+    Raises FileNotFoundError / ValueError for bad inputs before any work starts,
+    and JobFailed when the run breaks off."""
+    opts = cfg.storage_options
+    info = read_model_info(cfg.model, opts)
+    files = storage.list_files_detail(cfg.input, IMAGE_SUFFIXES, opts)
+    root = input_root(cfg.input, is_file=len(files) == 1 and files[0].uri == cfg.input)
+    if cfg.limit is not None:
+        files = files[: cfg.limit]
+    done = read_done(cfg.output, info.model_id, opts) if cfg.incremental else {}
+    todo = [{"image_uri": f.uri, "rel": relative_key(f.uri, root), "source_size": f.size,
+             "source_version": f.version} for f in files if done.get(f.uri) != (f.size, f.version)]
+    run_id = new_run_id()
+    record: dict[str, Any] = {
+        "run_id": run_id, "status": "running", "started": now_iso(), "model_id": info.model_id,
+        "config": cfg.record(), "counts": {"seen": len(files), "skipped": len(files) - len(todo), "ok": 0, "error": 0},
+    }
+    log(f"run {run_id}: {len(files)} images under {cfg.input}, {len(todo)} to label, "
+        f"{len(files) - len(todo)} already labelled by model {info.model_id}")
+    writer = PredictionWriter(cfg.output, run_id, cfg.rows_per_part, opts)
+    t0 = time.perf_counter()
+    try:
+        if todo:
+            for batch in plan(cfg, todo, info, run_id).iter_batches(batch_size=64, batch_format="numpy"):
+                writer.add(_rows(batch, info.classes))
+        else:
+            log("nothing new to label: no segmentation work done")
+        writer.flush()
+        record["status"] = "completed"
+    except Exception as e:
+        writer.flush()  # what finished stays finished: the next incremental run skips it
+        record["status"], record["error"] = "failed", f"{type(e).__name__}: {e}"
+        raise JobFailed(f"run {run_id} failed after {writer.counts['ok'] + writer.counts['error']} images: "
+                        f"{type(e).__name__}: {e}") from e
+    finally:
+        elapsed = time.perf_counter() - t0
+        record["counts"].update(writer.counts)
+        record.update(ended=now_iso(), seconds=round(elapsed, 3), prediction_parts=writer.parts,
+                      images_per_second=round((writer.counts["ok"] + writer.counts["error"]) / elapsed, 3)
+                      if elapsed > 0 else None)
+        record["record_uri"] = write_run_record(cfg.output, run_id, record, opts)
+    return record

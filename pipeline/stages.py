@@ -1,0 +1,181 @@
+"""The segment job's stages, each a function (or, for the model, a callable class)
+over a Ray Data batch: a dict of column name -> numpy array.
+
+    load     (CPU tasks)   read bytes, decode, propose boxes
+    Segment  (GPU actors)  crop + forward + paste + merge, on the actor
+    refine   (CPU tasks)   dense CRF -> label map and confidence
+    write    (CPU tasks)   PNG mask (+ overlay), per-class counts -> result row
+
+Rows never disappear: a file that cannot be read or decoded becomes a row with
+status "error" and a message, and flows through every stage untouched.
+Resources (GPUs, pool sizes, batch sizes) are set in one place, pipeline/job.py.
+"""
+
+from __future__ import annotations
+
+import time
+import numpy as np
+import torch
+
+from deconvnet import storage
+from deconvnet.crf import CRFConfig, dense_crf
+from deconvnet.imageio import MAX_BYTES, BadImage, decode_image, encode_jpeg
+from deconvnet.proposals import ProposalConfig, propose
+from deconvnet.segmenter import Segmenter, SegmenterConfig
+from deconvnet.voc import encode_label_png, overlay
+
+Batch = dict[str, np.ndarray]
+
+EMPTY_IMAGE = np.zeros((0, 0, 3), np.uint8)
+EMPTY_BOXES = np.zeros((0, 4), np.float32)
+EMPTY_LABELS = np.zeros((0, 0), np.uint8)
+
+
+def ragged(items: list[np.ndarray]) -> np.ndarray:
+    """A column of arrays of different shapes (Ray stores it as a variable-shaped tensor)."""
+    out = np.empty(len(items), dtype=object)
+    out[:] = items
+    return out
+
+
+def _writable(batch: Batch) -> Batch:
+    """Ray hands batches over zero-copy (read-only); copy the small columns a stage updates."""
+    for k in ("status", "error", "permanent", "seconds"):
+        batch[k] = np.array(batch[k], copy=True)
+    return batch
+
+
+def _error(batch: Batch, i: int, message: str, permanent: bool) -> None:
+    batch["status"][i], batch["error"][i], batch["permanent"][i] = "error", message, permanent
+
+
+def load(batch: Batch, proposals: ProposalConfig, storage_options: dict) -> Batch:
+    """Read and decode each image and propose its boxes."""
+    n = len(batch["image_uri"])
+    batch["status"] = np.array(["ok"] * n, dtype=object)
+    batch["error"] = np.array([""] * n, dtype=object)
+    batch["permanent"] = np.zeros(n, bool)
+    images, boxes = [EMPTY_IMAGE] * n, [EMPTY_BOXES] * n
+    seconds = np.zeros(n)
+    for i, uri in enumerate(batch["image_uri"]):
+        t0 = time.perf_counter()
+        if batch["source_size"][i] > MAX_BYTES:
+            _error(batch, i, f"file is {batch['source_size'][i]:,} bytes, over the limit of {MAX_BYTES:,}", True)
+            continue
+        try:
+            images[i] = decode_image(storage.read_bytes(uri, storage_options))
+            boxes[i] = propose(images[i], proposals)
+        except BadImage as e:
+            _error(batch, i, str(e), True)
+        except (FileNotFoundError, PermissionError) as e:  # gone or forbidden since listing: retry next run
+            _error(batch, i, f"cannot read: {type(e).__name__}: {e}", False)
+        seconds[i] = time.perf_counter() - t0
+    batch["image"], batch["boxes"] = ragged(images), ragged(boxes)
+    batch["height"] = np.array([im.shape[0] for im in images], np.int32)
+    batch["width"] = np.array([im.shape[1] for im in images], np.int32)
+    batch["num_proposals"] = np.array([len(b) for b in boxes], np.int32)
+    batch["seconds"] = seconds
+    return batch
+
+
+def labels_and_confidence(probs: np.ndarray) -> tuple[np.ndarray, float]:
+    """(C, H, W) probabilities -> (H, W) uint8 argmax and its mean probability."""
+    return probs.argmax(0).astype(np.uint8), float(probs.max(0).mean())
+
+
+class Segment:
+    """The GPU stage: loads the model once per actor, then turns batches of
+    images with their boxes into merged maps. All proposals of an image stay
+    here; what leaves is one map per image (probabilities for the CRF, or the
+    label map itself when there is no CRF)."""
+
+    def __init__(self, model: str, fcn_model: str | None, config: SegmenterConfig,
+                 with_crf: bool, keep_image: bool, cpu_threads: int, storage_options: dict):
+        if not torch.cuda.is_available():
+            torch.set_num_threads(max(1, cpu_threads))
+        self.segmenter = Segmenter.from_model_dir(model, config, fcn_uri=fcn_model,
+                                                  storage_options=storage_options)
+        self.with_crf, self.keep_image = with_crf, keep_image
+
+    def _segment(self, images: list[np.ndarray], boxes: list[np.ndarray]) -> list[np.ndarray | Exception]:
+        try:
+            return self.segmenter.segment(images, boxes)
+        except (RuntimeError, ValueError) as batch_error:  # e.g. out of memory: isolate the culprit
+            if len(images) == 1:
+                return [batch_error]
+            return [self._segment([im], [b])[0] for im, b in zip(images, boxes)]
+
+    def __call__(self, batch: Batch) -> Batch:
+        batch, n = _writable(batch), len(batch["image_uri"])
+        ok = [i for i in range(n) if batch["status"][i] == "ok"]
+        t0 = time.perf_counter()
+        maps = self._segment([batch["image"][i] for i in ok], [batch["boxes"][i] for i in ok])
+        elapsed = time.perf_counter() - t0
+        total = max(1, sum(len(batch["boxes"][i]) for i in ok))
+        probs, labels = [np.zeros((0, 0, 0), np.float16)] * n, [EMPTY_LABELS] * n
+        confidence = np.zeros(n, np.float32)
+        for i, m in zip(ok, maps):
+            batch["seconds"][i] += elapsed * len(batch["boxes"][i]) / total
+            if isinstance(m, Exception):
+                _error(batch, i, f"segmentation failed: {type(m).__name__}: {m}", False)
+            elif self.with_crf:
+                probs[i] = m.astype(np.float16)  # half the bytes to the CRF workers
+            else:
+                labels[i], confidence[i] = labels_and_confidence(m)
+        del batch["boxes"]
+        if self.with_crf:
+            batch["probs"] = ragged(probs)
+        else:
+            batch["labels"], batch["mean_confidence"] = ragged(labels), confidence
+            if not self.keep_image:
+                batch["image"] = ragged([EMPTY_IMAGE] * n)
+        return batch
+
+
+def refine(batch: Batch, crf: CRFConfig, keep_image: bool) -> Batch:
+    """Dense CRF on each merged map -> label map and mean confidence."""
+    batch, n = _writable(batch), len(batch["image_uri"])
+    labels, confidence = [EMPTY_LABELS] * n, np.zeros(n, np.float32)
+    for i in range(n):
+        if batch["status"][i] != "ok":
+            continue
+        t0 = time.perf_counter()
+        lab, conf = dense_crf(batch["image"][i], batch["probs"][i].astype(np.float32), crf)
+        labels[i], confidence[i] = lab, float(conf.mean())
+        batch["seconds"][i] += time.perf_counter() - t0
+    del batch["probs"]
+    batch["labels"], batch["mean_confidence"] = ragged(labels), confidence
+    if not keep_image:
+        batch["image"] = ragged([EMPTY_IMAGE] * n)
+    return batch
+
+
+def write(batch: Batch, output: str, num_classes: int, palette: np.ndarray,
+          overlays: bool, model_id: str, run_id: str, storage_options: dict) -> Batch:
+    """Write masks (and overlays) and turn each row into its Parquet record."""
+    from .outputs import mask_uri, overlay_uri
+
+    batch, n, c = _writable(batch), len(batch["image_uri"]), num_classes
+    masks, overlay_uris = [""] * n, [""] * n
+    class_pixels = np.zeros((n, c), np.int64)  # the driver turns these into class names
+    for i in range(n):
+        t0 = time.perf_counter()
+        if batch["status"][i] == "ok":
+            lab = batch["labels"][i]
+            masks[i] = mask_uri(output, batch["rel"][i])
+            storage.write_bytes(masks[i], encode_label_png(lab, palette), storage_options)
+            if overlays:
+                overlay_uris[i] = overlay_uri(output, batch["rel"][i])
+                storage.write_bytes(overlay_uris[i], encode_jpeg(overlay(batch["image"][i], lab, palette=palette)),
+                                    storage_options)
+            class_pixels[i] = np.bincount(lab.ravel(), minlength=c)[:c]
+        batch["seconds"][i] += time.perf_counter() - t0
+    keep = ("image_uri", "status", "error", "permanent", "width", "height", "mean_confidence",
+            "num_proposals", "source_size", "source_version", "seconds")
+    result = {k: batch[k] for k in keep}
+    result["mask_uri"] = np.array(masks, dtype=object)
+    result["overlay_uri"] = np.array(overlay_uris, dtype=object)
+    result["class_pixels"] = class_pixels
+    result["model_id"] = np.array([model_id] * n, dtype=object)
+    result["run_id"] = np.array([run_id] * n, dtype=object)
+    return result
