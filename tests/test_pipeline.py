@@ -1,0 +1,149 @@
+"""The segment job end to end: a real S3 endpoint (moto server on 127.0.0.1),
+embedded Ray, the tiny model, and the bad-file corpus."""
+
+from __future__ import annotations
+
+import io
+import re
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from corpus import corpus
+
+from deconvnet import storage
+from deconvnet.model import PRESETS, DeconvNet
+from deconvnet.voc import decode_label_png
+from deconvnet.weights import ModelInfo, save_model_dir
+from pipeline.job import run
+from pipeline.outputs import relative_key
+
+sys.path.insert(0, "jobs")
+import segment_dataset  # noqa: E402
+
+CORPUS = corpus()
+FAST = ["--max-proposals", "3", "--batch-size", "8", "--images-per-batch", "4"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    uri = str(tmp_path_factory.mktemp("model"))
+    save_model_dir(DeconvNet(PRESETS["tiny"]), uri, ModelInfo(config=PRESETS["tiny"]))
+    return uri
+
+
+def upload(base: str, files: dict[str, tuple[bytes, str, object]], prefix: str = "images/2026/") -> str:
+    for name, (data, _, _) in files.items():
+        storage.write_bytes(storage.join(base, prefix, name), data)
+    return storage.join(base, prefix)
+
+
+def predictions(output: str) -> list[dict]:
+    rows = []
+    for part in storage.list_files(storage.join(output, "predictions"), [".parquet"]):
+        rows += pq.read_table(io.BytesIO(storage.read_bytes(part))).to_pylist()
+    return rows
+
+
+def test_s3_end_to_end_with_bad_files_then_incremental(ray_session, s3_bucket, tiny_model):
+    images = upload(s3_bucket, CORPUS)
+    output = storage.join(s3_bucket, "labels")
+    assert segment_dataset.main(["--input", images, "--output", output, "--model", tiny_model,
+                                 "--overlays", *FAST]) == 0
+    rows = predictions(output)
+    by_uri = {r["image_uri"]: r for r in rows}
+    assert len(rows) == len(by_uri) == len(CORPUS)  # exactly one row per input
+    for name, (_, status, expect) in CORPUS.items():
+        r = by_uri[storage.join(images, name)]
+        assert r["status"] == status, (name, r["error"])
+        if status == "ok":
+            mask = decode_label_png(storage.read_bytes(r["mask_uri"]))
+            assert mask.shape == tuple(expect) == (r["height"], r["width"])
+            assert r["mask_uri"] == storage.join(output, "masks", name.rsplit(".", 1)[0] + ".png")
+            assert storage.exists(r["overlay_uri"])
+            assert sum(r["class_pixels"]) == mask.size and len(r["class_pixels"]) == 21
+            assert r["classes"] and 0 < r["mean_confidence"] <= 1 and r["num_proposals"] >= 1
+            assert r["model_id"].startswith("deconvnet-") and r["seconds"] > 0
+        else:
+            assert re.search(expect, r["error"]) and r["mask_uri"] == "" and r["permanent"]
+    record = json.loads(storage.read_bytes(storage.list_files(storage.join(output, "runs"))[0]))
+    assert record["status"] == "completed"
+    assert record["counts"] == {"seen": len(CORPUS), "skipped": 0, "ok": 9, "error": 4}
+
+    # A second run over the unchanged bucket segments nothing and adds no rows.
+    second = run(segment_dataset.parse_config(["--input", images, "--output", output, "--model", tiny_model, *FAST]))
+    assert second["counts"] == {"seen": len(CORPUS), "skipped": len(CORPUS), "ok": 0, "error": 0}
+    assert len(predictions(output)) == len(CORPUS)
+
+    # A new image and a changed one are labelled; nothing else.
+    storage.write_bytes(storage.join(images, "new/extra.jpg"), CORPUS["ok/scene.jpg"][0])
+    storage.write_bytes(storage.join(images, "ok/gray.jpg"), CORPUS["ok/scene.jpg"][0])
+    third = run(segment_dataset.parse_config(["--input", images, "--output", output, "--model", tiny_model,
+                                              "--crf", "none", *FAST]))
+    assert third["counts"]["ok"] == 2 and third["counts"]["skipped"] == len(CORPUS) - 1
+
+
+def test_local_paths_and_the_same_labels_twice(ray_session, tmp_path, tiny_model):
+    files = {k: v for k, v in CORPUS.items() if k in ("ok/scene.jpg", "ok/photo.jpg", "bad/empty.jpg")}
+    images = upload(str(tmp_path), files, prefix="in")
+    out1, out2 = str(tmp_path / "out1"), str(tmp_path / "out2")
+    for out in (out1, out2):
+        assert segment_dataset.main(["--input", images, "--output", out, "--model", tiny_model,
+                                     "--crf", "deeplab", *FAST]) == 0
+    r1, r2 = predictions(out1), predictions(out2)
+    assert len(r1) == 3 and sum(r["status"] == "ok" for r in r1) == 2
+    for name in ("scene", "photo"):
+        m1 = decode_label_png(storage.read_bytes(f"{out1}/masks/ok/{name}.png"))
+        m2 = decode_label_png(storage.read_bytes(f"{out2}/masks/ok/{name}.png"))
+        assert np.array_equal(m1, m2)
+    assert {r["image_uri"]: r["class_pixels"] for r in r1} == {r["image_uri"]: r["class_pixels"] for r in r2}
+
+
+def test_single_file_input(ray_session, tmp_path, tiny_model):
+    images = upload(str(tmp_path), {"ok/scene.jpg": CORPUS["ok/scene.jpg"]}, prefix="in")
+    out = str(tmp_path / "out")
+    assert segment_dataset.main(["--input", f"{images}/ok/scene.jpg", "--output", out, "--model", tiny_model,
+                                 "--crf", "none", "--fail-on-error", *FAST]) == 0
+    assert storage.exists(f"{out}/masks/scene.png")
+
+
+def test_fail_on_error_exits_1(ray_session, tmp_path, tiny_model):
+    images = upload(str(tmp_path), {"bad/empty.jpg": CORPUS["bad/empty.jpg"]}, prefix="in")
+    assert segment_dataset.main(["--input", images, "--output", str(tmp_path / "o"), "--model", tiny_model,
+                                 "--fail-on-error", *FAST]) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/nonexistent/model"], "--model: /nonexistent/model is not a model directory"),
+    (["--crf", "fancy"], "invalid choice: 'fancy'"),
+    (["--gpu-actors", "3-1"], "need 1 <= MIN <= MAX"),
+    (["--proposals", "edgeboxes"], "needs a structured-edge model"),
+    (["--input", "/nonexistent/images"], "--input: nothing at /nonexistent/images"),
+    (["--storage-option", "novalue"], "KEY=VALUE"),
+])
+def test_bad_arguments_are_one_line_and_exit_2(tmp_path, tiny_model, args, message):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(CORPUS["ok/scene.jpg"][0])
+    base = {"--input": str(tmp_path / "in"), "--output": str(tmp_path / "out"), "--model": tiny_model}
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = v
+    argv = [x for kv in base.items() for x in kv]
+    r = subprocess.run([sys.executable, "jobs/segment_dataset.py", *argv], capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()  # nothing started
+
+
+@pytest.mark.parametrize("uri, expect", [
+    ("s3://b/in/a/b.jpg", "a/b.jpg"),
+    ("s3://b/in/../../etc/passwd.jpg", "etc/passwd-"),
+    ("s3://b/in//abs/x y ü.jpg", "abs/x y ü.jpg"),
+])
+def test_relative_keys_never_leave_the_output(uri, expect):
+    rel = relative_key(uri, "s3://b/in")
+    assert rel.startswith(expect) and ".." not in rel.split("/") and not rel.startswith("/")
