@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import numpy as np
+
 from . import storage
 
 
@@ -63,6 +65,45 @@ def cmd_init(args, parser) -> int:
     return 0
 
 
+def cmd_segment(args, parser) -> int:
+    from .crf import crf_config, dense_crf
+    from .imageio import BadImage, decode_image, encode_jpeg
+    from .proposals import ProposalConfig, propose
+    from .segmenter import Segmenter, SegmenterConfig, labels_and_confidence
+    from .voc import encode_label_png, overlay
+    from .weights import palette_array
+
+    opts = storage_options_from(parser, args.storage_option)
+    try:
+        proposals = ProposalConfig(method=args.proposals, max_proposals=args.max_proposals,
+                                   edge_model=args.edge_model)
+        segmenter = Segmenter.from_model_dir(args.model, SegmenterConfig(batch_size=args.batch_size,
+                                                                         aggregate=args.aggregate),
+                                             device=args.device, fcn_uri=args.fcn_model, storage_options=opts)
+        image = decode_image(storage.read_bytes(args.image, opts))
+    except (FileNotFoundError, ValueError) as e:  # BadImage is a ValueError
+        kind = "image" if isinstance(e, BadImage) else "error"
+        parser.error(f"{kind}: {e}")
+    boxes = propose(image, proposals)
+    probs = segmenter.segment([image], [boxes])[0]  # (C, H, W)
+    if args.crf == "none":
+        labels, confidence = labels_and_confidence(probs)
+    else:
+        labels, conf = dense_crf(image, probs, crf_config(args.crf))
+        confidence = float(conf.mean())
+    palette = palette_array(segmenter.info)
+    storage.write_bytes(args.out, encode_label_png(labels, palette), opts)
+    if args.overlay:
+        storage.write_bytes(args.overlay, encode_jpeg(overlay(image, labels, palette=palette)), opts)
+    counts = np.bincount(labels.ravel(), minlength=segmenter.num_classes)
+    present = ", ".join(f"{segmenter.info.classes[k]} {100 * counts[k] / labels.size:.1f}%"
+                        for k in np.argsort(-counts) if counts[k])
+    print(f"{args.image}: {image.shape[1]}x{image.shape[0]}, {len(boxes)} proposals, "
+          f"mean confidence {confidence:.3f}; {present}")
+    print(f"wrote {args.out}" + (f" and {args.overlay}" if args.overlay else ""))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .model import PRESETS
 
@@ -76,6 +117,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", help="text file of class names, one per line, background first (default: PASCAL VOC's 21)")
     add_storage_option_arg(p)
     p.set_defaults(func=cmd_init)
+
+    from .crf import CRF_PRESETS
+    from .proposals import PROPOSAL_METHODS
+    from .segmenter import AGGREGATES
+
+    p = sub.add_parser("segment", help="segment one image: palette PNG label map (+ colour overlay)")
+    p.add_argument("image", help="image path or URI")
+    p.add_argument("--model", required=True, help="DeconvNet model directory")
+    p.add_argument("--fcn-model", help="FCN-8s model directory for the EDeconvNet ensemble")
+    p.add_argument("--proposals", choices=sorted(PROPOSAL_METHODS), default="grid")
+    p.add_argument("--edge-model", help="structured-edge model file for --proposals edgeboxes")
+    p.add_argument("--max-proposals", type=int, default=50)
+    p.add_argument("--aggregate", choices=AGGREGATES, default="max")
+    p.add_argument("--crf", choices=[*sorted(CRF_PRESETS), "none"], default="paper")
+    p.add_argument("--batch-size", type=int, default=32, help="proposals per forward pass")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--out", required=True, help="label map to write (palette PNG)")
+    p.add_argument("--overlay", help="colour overlay to write (JPEG)")
+    add_storage_option_arg(p)
+    p.set_defaults(func=cmd_segment)
 
     args = parser.parse_args(argv)
     sub_parser = sub.choices[args.command]

@@ -87,6 +87,12 @@ def crop_boxes(image: torch.Tensor, boxes: np.ndarray, size: int) -> torch.Tenso
     return out.reshape(3, len(b), size, size).transpose(0, 1)  # (K, 3, size, size)
 
 
+def labels_and_confidence(probs: np.ndarray) -> tuple[np.ndarray, float]:
+    """(C, H, W) probabilities -> (H, W) uint8 argmax and its mean probability
+    (the label map when no CRF runs)."""
+    return probs.argmax(0).astype(np.uint8), float(probs.max(0).mean())
+
+
 class MergedMap:
     """Accumulates proposal maps into one (C, H, W) image map."""
 
@@ -163,7 +169,7 @@ class Segmenter:
     def _to_device(self, image: np.ndarray) -> torch.Tensor:
         assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8, \
             f"expected (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}"
-        t = torch.from_numpy(np.ascontiguousarray(image))
+        t = torch.from_numpy(np.require(image, np.uint8, ["C_CONTIGUOUS", "WRITEABLE"]))
         if self.device.type == "cuda":
             t = t.pin_memory().to(self.device, non_blocking=True)
         return t.permute(2, 0, 1).float()  # (3, H, W), 0..255

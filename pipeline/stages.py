@@ -21,7 +21,7 @@ from deconvnet import storage
 from deconvnet.crf import CRFConfig, dense_crf
 from deconvnet.imageio import MAX_BYTES, BadImage, decode_image, encode_jpeg
 from deconvnet.proposals import ProposalConfig, propose
-from deconvnet.segmenter import Segmenter, SegmenterConfig
+from deconvnet.segmenter import Segmenter, SegmenterConfig, labels_and_confidence
 from deconvnet.voc import encode_label_png, overlay
 
 Batch = dict[str, np.ndarray]
@@ -76,11 +76,6 @@ def load(batch: Batch, proposals: ProposalConfig, storage_options: dict) -> Batc
     batch["num_proposals"] = np.array([len(b) for b in boxes], np.int32)
     batch["seconds"] = seconds
     return batch
-
-
-def labels_and_confidence(probs: np.ndarray) -> tuple[np.ndarray, float]:
-    """(C, H, W) probabilities -> (H, W) uint8 argmax and its mean probability."""
-    return probs.argmax(0).astype(np.uint8), float(probs.max(0).mean())
 
 
 class Segment:

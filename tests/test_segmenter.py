@@ -128,3 +128,27 @@ def test_bad_options_are_clear_errors():
         SegmenterConfig(aggregate="median")
     with pytest.raises(ValueError, match="ensemble"):
         SegmenterConfig(ensemble="vote")
+
+
+def test_segment_command_on_a_real_photograph(tmp_path):
+    import subprocess
+    import sys
+
+    from corpus import PHOTO
+    from PIL import Image
+
+    from deconvnet.voc import decode_label_png
+    from deconvnet.weights import save_model_dir
+    save_model_dir(DeconvNet(PRESETS["tiny"]), str(tmp_path / "m"), ModelInfo(config=PRESETS["tiny"]))
+    r = subprocess.run([sys.executable, "-m", "deconvnet", "segment", str(PHOTO), "--model", str(tmp_path / "m"),
+                        "--max-proposals", "10", "--out", str(tmp_path / "p.png"),
+                        "--overlay", str(tmp_path / "o.jpg")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    w, h = Image.open(PHOTO).size
+    assert decode_label_png((tmp_path / "p.png").read_bytes()).shape == (h, w)
+    assert Image.open(tmp_path / "o.jpg").size == (w, h)
+    assert "11 proposals" in r.stdout
+    bad = subprocess.run([sys.executable, "-m", "deconvnet", "segment", str(tmp_path / "p.png.missing"),
+                          "--model", str(tmp_path / "m"), "--out", str(tmp_path / "x.png")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
