@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo clean
 
 venv: $(VENV)/.installed
 

@@ -1,0 +1,177 @@
+"""Images/s of the whole segment job, next to (a) a plain sequential Python loop
+doing the same work with the same model in one process and (b) the model-only
+rate for the same proposals; plus peak memory of the driver and the workers.
+
+    python bench/pipeline.py --images 16 --crf paper none
+    python bench/pipeline.py --images 16 --scale 10 --crf none     # memory at N and 10N
+    python bench/pipeline.py --images 64 --preset paper --crf none  # on a GPU machine
+
+The dataset is generated (deconvnet.synthetic, 500x375 like PASCAL VOC) and
+cached under --work; the model is a fresh `--preset` model directory (speed does
+not depend on the weights). Prints a table and appends JSON lines to
+bench/results/pipeline.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from deconvnet import storage  # noqa: E402
+from deconvnet.crf import crf_config, dense_crf  # noqa: E402
+from deconvnet.imageio import decode_image  # noqa: E402
+from deconvnet.model import build_model, preset  # noqa: E402
+from deconvnet.proposals import ProposalConfig, propose  # noqa: E402
+from deconvnet.segmenter import Segmenter, SegmenterConfig, labels_and_confidence  # noqa: E402
+from deconvnet.synthetic import generate  # noqa: E402
+from deconvnet.voc import encode_label_png  # noqa: E402
+from deconvnet.weights import ModelInfo, save_model_dir  # noqa: E402
+
+
+class RSSSampler(threading.Thread):
+    """Peak resident memory of Ray's worker processes (sum and largest), sampled."""
+
+    def __init__(self, every: float = 0.25):
+        super().__init__(daemon=True)
+        self.every, self.peak_sum, self.peak_one, self._halt = every, 0, 0, threading.Event()
+
+    def run(self):
+        import psutil
+        while not self._halt.is_set():
+            total = biggest = 0
+            for p in psutil.process_iter(["cmdline", "memory_info"]):
+                cmd = " ".join(p.info["cmdline"] or [])
+                if "ray::" in cmd or "default_worker.py" in cmd:
+                    rss = p.info["memory_info"].rss
+                    total, biggest = total + rss, max(biggest, rss)
+            self.peak_sum, self.peak_one = max(self.peak_sum, total), max(self.peak_one, biggest)
+            self._halt.wait(self.every)
+
+    def stop(self):
+        self._halt.set()
+        self.join()
+
+
+def dataset(work: str, n: int, size: tuple[int, int]) -> str:
+    root = os.path.join(work, f"data-{n}-{size[1]}x{size[0]}")
+    if not os.path.exists(os.path.join(root, "ImageSets")):
+        generate(root, images=n, seed=0, size=size, val_fraction=0.0)  # size is (H, W)
+    return os.path.join(root, "JPEGImages")
+
+
+def sequential(files: list[str], seg: Segmenter, proposals: ProposalConfig, crf: str, out: str) -> float:
+    """The same work as the job, one image after another in this process."""
+    t0 = time.perf_counter()
+    for f in files:
+        image = decode_image(storage.read_bytes(f))
+        probs = seg.segment([image], [propose(image, proposals)])[0]
+        labels = labels_and_confidence(probs)[0] if crf == "none" else dense_crf(image, probs, crf_config(crf))[0]
+        storage.write_bytes(os.path.join(out, os.path.basename(f) + ".png"), encode_label_png(labels))
+    return time.perf_counter() - t0
+
+
+def model_only(seg: Segmenter, proposals: int, batch_size: int) -> float:
+    """Seconds to forward `proposals` crops in batches of `batch_size`."""
+    x = torch.randn(batch_size, 3, 224, 224, device=seg.device)
+    seg._forward(seg.model, x)  # warm-up
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for _ in range(-(-proposals // batch_size)):
+            seg._forward(seg.model, x)
+    if seg.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=16, help="N")
+    p.add_argument("--scale", type=int, default=None, help="also run the job on scale*N images (memory check)")
+    p.add_argument("--size", default="500x375", help="WxH of generated images")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--max-proposals", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=32, help="proposals per forward")
+    p.add_argument("--crf", nargs="+", default=["paper", "none"], choices=["paper", "deeplab", "none"])
+    p.add_argument("--skip-sequential", action="store_true")
+    p.add_argument("--work", default="/tmp/deconvnet-bench")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "pipeline.json"))
+    args = p.parse_args(argv)
+    w, h = (int(v) for v in args.size.split("x"))
+
+    import ray
+
+    from pipeline.config import SegmentJobConfig
+    from pipeline.job import run
+
+    model_dir = os.path.join(args.work, f"model-{args.preset}")
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        cfg = preset(args.preset)
+        save_model_dir(build_model(cfg), model_dir, ModelInfo(config=cfg))
+    proposals = ProposalConfig(max_proposals=args.max_proposals)
+    seg = Segmenter.from_model_dir(model_dir, SegmenterConfig(batch_size=args.batch_size))
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+    results = []
+    sizes = [args.images] + ([args.images * args.scale] if args.scale else [])
+    for n in sizes:
+        inp = dataset(args.work, n, (h, w))
+        files = storage.list_files(inp)
+        n_props = sum(len(propose(decode_image(storage.read_bytes(f)), proposals)) for f in files[: min(8, n)])
+        n_props = n_props * n / min(8, n)
+        for crf in args.crf:
+            out = os.path.join(args.work, f"out-{n}-{crf}-{time.time_ns()}")
+            sampler = RSSSampler()
+            sampler.start()
+            cfg = SegmentJobConfig(input=inp, output=out, model=model_dir, crf=crf, max_proposals=args.max_proposals,
+                                   batch_size=args.batch_size, incremental=False)
+            t0 = time.perf_counter()
+            record = run(cfg, log=lambda s: None)
+            job_s = time.perf_counter() - t0
+            sampler.stop()
+            seq_s = None
+            if not args.skip_sequential and n == args.images:
+                seq_s = sequential(files, seg, proposals, crf, out + "-seq")
+            mo_s = model_only(seg, int(n_props), args.batch_size) if n == args.images else None
+            rec = {
+                "images": n, "size": args.size, "preset": args.preset, "crf": crf, "max_proposals": args.max_proposals,
+                "proposals_per_image": round(n_props / n, 1), "device": str(seg.device),
+                "machine": f"{platform.machine()} x{os.cpu_count()} cpu" if seg.device.type == "cpu"
+                else torch.cuda.get_device_name(),
+                "job_images_per_s": round(n / job_s, 3), "ok": record["counts"]["ok"],
+                "sequential_images_per_s": round(n / seq_s, 3) if seq_s else None,
+                "model_only_images_per_s": round(n / mo_s, 3) if mo_s else None,
+                "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                "workers_peak_rss_mib": round(sampler.peak_sum / 2**20),
+                "largest_worker_peak_rss_mib": round(sampler.peak_one / 2**20),
+            }
+            results.append(rec)
+            print(json.dumps(rec))
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "a") as f:
+        for r in results:
+            f.write(json.dumps(r) + "\n")
+    print(f"\n{'N':>5} {'crf':>7} {'job img/s':>10} {'sequential':>11} {'model-only':>11} "
+          f"{'workers MiB':>12} {'largest':>8} {'driver':>7}")
+    for r in results:
+        print(f"{r['images']:>5} {r['crf']:>7} {r['job_images_per_s']:>10} {r['sequential_images_per_s'] or '-':>11} "
+              f"{r['model_only_images_per_s'] or '-':>11} {r['workers_peak_rss_mib']:>12} "
+              f"{r['largest_worker_peak_rss_mib']:>8} {r['driver_peak_rss_mib']:>7}")
+    ray.shutdown()
+    return results
+
+
+if __name__ == "__main__":
+    main()
