@@ -1,0 +1,358 @@
+"""Train DeconvNet on a PASCAL VOC-layout dataset with Ray Train (DDP), in the paper's two stages.
+
+On a cluster (see ray_cluster.yaml):
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+        python jobs/train.py --data s3://bucket/VOC2012/ --storage s3://bucket/runs/ \\
+        --name voc-paper --init s3://bucket/models/deconvnet-init/ \\
+        --num-workers 8 --use-gpu --export s3://bucket/models/deconvnet/
+
+On a laptop (no cluster address: an embedded local Ray is started):
+
+    python -m deconvnet.synthetic --out data/synth --images 200
+    python jobs/train.py --data data/synth --storage runs --name synth --preset tiny \\
+        --num-workers 2 --export models/synth
+
+Run the same command again with the same --name and it resumes from the run's
+latest checkpoint; a finished run is not trained again. A worker that dies
+restarts the worker group from the latest checkpoint (--max-failures times).
+
+Under <storage>/<name>/: Ray Train's checkpoint_<step>/ directories (each also a
+model directory) and its checkpoint_manager_snapshot.json, and results/ with
+config.json (this run's settings, secrets redacted), val_iou.txt (per-class
+IoU in the paper's Table 1 layout), val_iou.csv, history.csv, curves.png
+(loss and val mean IoU over steps) and final.json once the run is done.
+
+The driver only checks the arguments and builds ScalingConfig, RunConfig and
+the TorchTrainer; all training is `train_loop_per_worker(config)`, on every
+worker (`--num-workers 0` runs it in this process, Ray Train's local mode,
+with no checkpoints: for debugging). The torch parts are deconvnet/training.py.
+Exit codes: 0 done (or nothing to do), 1 training failed, 2 a bad argument.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from deconvnet import storage, training  # noqa: E402
+from deconvnet.__main__ import add_storage_option_arg  # noqa: E402
+from deconvnet.proposals import PROPOSAL_METHODS, ProposalConfig  # noqa: E402
+from deconvnet.training import RECIPES, TrainConfig, config_for  # noqa: E402
+from deconvnet.weights import now_iso, read_model_info  # noqa: E402
+
+# Fields that must match when a run with the same --name is resumed.
+RESUME_KEYS = ("data", "extra_train_lists", "preset", "init")
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The whole training, on one DDP rank: restore the latest checkpoint if
+    any, then steps of `training.train_step`, with evaluation, results and a
+    checkpoint every `eval_every` steps, and the export at the end.
+
+    `config["train"]` is the TrainConfig. `config["fault"]` is a test hook:
+    `{"rank", "step", "marker"}` makes that rank exit its process at that step,
+    once (the marker object records that it did).
+    """
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    cfg: TrainConfig = config["train"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    assert world == cfg.world_size, f"{world} workers started, the config says {cfg.world_size}"
+    device = ray.train.torch.get_device()
+    say = _say if rank == 0 else (lambda text: None)
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            model, info, state, optimizer_state = training.load_checkpoint(d)
+        state.resumed_from.append(state.step)
+        say(f"resuming {cfg.name} from step {state.step}")
+    else:
+        (model, info), state, optimizer_state = training.initial_model(cfg), training.TrainState(), None
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed 224x224 crops
+    model = ray.train.torch.prepare_model(model)  # DDP (nccl on GPU, gloo on CPU), on `device`
+    optimizer = training.make_optimizer(training.unwrap(model), cfg)
+    if optimizer_state:
+        optimizer.load_state_dict(optimizer_state)  # after the move: its tensors follow the params' device
+
+    train, val = training.open_voc(cfg)
+    say(f"{len(train)} training and {len(val)} val images, {len(info.classes)} classes; global batch "
+        f"{cfg.batch_size} = {world} workers x {cfg.accumulation} x {cfg.micro_batch}")
+    per_rank = cfg.batch_size // world
+    batches, loader_stage, window, tick = None, 0, [], time.perf_counter()
+    while state.step < cfg.total_steps:
+        _maybe_fail(config.get("fault"), cfg, rank, state.step)
+        stage = cfg.stage_of(state.step)
+        if stage != loader_stage:  # each stage has its own sample stream, restored by position
+            first = 0 if stage == 1 else cfg.stage1_steps
+            batches = training.crop_loader(training.CropDataset(train, stage, cfg, info), cfg, rank, world,
+                                           start=(state.step - first) * per_rank,
+                                           pin_memory=device.type == "cuda")
+            loader_stage = stage
+        lr = training.learning_rate(cfg, state.step)
+        micro = [next(batches) for _ in range(cfg.accumulation)]
+        window.append(training.train_step(model, optimizer, micro, lr, device))
+        state.step += 1
+        evaluate_now = state.step % cfg.eval_every == 0 or state.step in (cfg.stage1_steps, cfg.total_steps)
+        if state.step % cfg.log_every == 0 or evaluate_now:
+            loss = training.all_reduce_(torch.stack(window).mean()).item() / world
+            state.log.append({"step": state.step, "stage": stage, "lr": lr, "loss": loss})
+            now = time.perf_counter()
+            say(f"step {state.step}/{cfg.total_steps} stage {stage} lr {lr:.2e} loss {loss:.4f} "
+                f"({(now - tick) / len(window):.2f} s/step)")
+            window, tick = [], now
+        if evaluate_now:
+            _evaluate_and_report(model, optimizer, info, val, cfg, state, rank, world, device)
+
+    if rank == 0:
+        exported = training.export_model(model, info, cfg, state) if cfg.export else None
+        training.write_final(cfg, state, exported)
+        if exported:
+            say(f"exported {cfg.export} (model id {exported.model_id})")
+
+
+def _evaluate_and_report(model, optimizer, info, val, cfg: TrainConfig, state: training.TrainState,
+                         rank: int, world: int, device) -> None:
+    """Val confusion matrix over all ranks (each takes every world-th image),
+    the results files, and one `ray.train.report` with the checkpoint.
+
+    Ray Train uploads rank 0's checkpoint directory to
+    <storage>/<name>/checkpoint_<step>/ first and only then registers it (and
+    rewrites checkpoint_manager_snapshot.json), so a checkpoint half-written
+    when the job dies is never the one a restart resumes from."""
+    import ray.train
+    import torch
+
+    from deconvnet.metrics import ConfusionMatrix
+
+    net = training.unwrap(model)
+    proposals = ProposalConfig(method=cfg.proposals, max_proposals=cfg.eval_max_proposals)
+    cm = training.evaluate(net, val, info, proposals, device, indices=range(rank, len(val), world))
+    cm = ConfusionMatrix.from_matrix(training.all_reduce_(torch.from_numpy(cm.matrix).to(device)).cpu())
+    state.evals.append({"step": state.step, "mean_iou": cm.mean_iou(), "pixel_accuracy": cm.pixel_accuracy(),
+                        "mean_accuracy": cm.mean_accuracy()})
+    metrics = {"step": state.step, "stage": cfg.stage_of(state.step - 1), "loss": state.log[-1]["loss"],
+               **{k: v for k, v in cm.summary(info.classes).items() if v == v}}  # NaN: class absent
+    name = f"checkpoint_{state.step:08d}"
+    if rank == 0:
+        _say(f"val after step {state.step}: mean IoU {cm.mean_iou():.4f}, pixel accuracy "
+             f"{cm.pixel_accuracy():.4f}\n{cm.table(info.classes, name='IoU %')}")
+        training.write_results(cfg, state, cm, info.classes)
+        with tempfile.TemporaryDirectory() as d:
+            training.save_checkpoint(d, net, info, optimizer, state)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
+    else:
+        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+
+
+def _say(text: str) -> None:
+    """One line to the job's output. Not `print`: Ray Train patches it to log
+    every line twice from a worker."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _maybe_fail(fault: dict[str, Any] | None, cfg: TrainConfig, rank: int, step: int) -> None:
+    """Test hook: a real process death of one worker, once per marker object."""
+    if not fault or rank != fault["rank"] or step != fault["step"]:
+        return
+    if storage.exists(fault["marker"], cfg.storage_options):
+        return
+    storage.write_bytes(fault["marker"], f"rank {rank} exited at step {step}\n".encode(), cfg.storage_options)
+    os._exit(1)
+
+
+# ------------------------------------------------------------------- driver
+
+def build_parser() -> argparse.ArgumentParser:
+    paper = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+    def default(name: str) -> str:
+        tiny = RECIPES["tiny"].get(name, paper[name])
+        return f" (default: {paper[name]}; {tiny} with --preset tiny)" if tiny != paper[name] \
+            else f" (default: {paper[name]})"
+
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True,
+                   help="PASCAL VOC-layout root URI: JPEGImages/, SegmentationClass/ (palette PNGs, "
+                        "255 = ignore), SegmentationObject/ when present, ImageSets/Segmentation/{train,val}.txt")
+    p.add_argument("--extra-train-list", action="append", default=[], metavar="URI",
+                   help="another training list (repeatable), e.g. SBD-augmented ids; lines are ids or "
+                        "'IMAGE LABEL' paths relative to --data; val images in it are dropped")
+    p.add_argument("--storage", required=True, help="URI under which <name>/ holds checkpoints and results")
+    p.add_argument("--name", help="run name; the same name resumes that run (default: deconvnet-<preset>)")
+    p.add_argument("--preset", choices=sorted(RECIPES), default="paper",
+                   help="architecture (without --init) and recipe defaults: 'paper' is the published "
+                        "network and solver, 'tiny' a small net for CPUs and tests (default: paper)")
+    p.add_argument("--init", metavar="URI",
+                   help="model directory to start from, e.g. from `python -m deconvnet init --vgg16 ...`; "
+                        "its classes are used (default: VOC's 21 classes, random encoder)")
+    p.add_argument("--num-workers", type=int, help="DDP workers, one GPU each with --use-gpu; "
+                                                   "0 runs in this process without checkpoints" + default("num_workers"))
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (nccl, bf16 autocast)")
+    p.add_argument("--batch-size", type=int, help="GLOBAL batch of crops per step, split over the workers"
+                   + default("batch_size"))
+    p.add_argument("--micro-batch-size", type=int,
+                   help="crops per forward on a worker; smaller than the worker's share means gradient "
+                        "accumulation (default: the whole share)")
+    p.add_argument("--stage1-steps", type=int, help="steps on object-centred crops" + default("stage1_steps"))
+    p.add_argument("--stage2-steps", type=int, help="steps on proposal crops" + default("stage2_steps"))
+    p.add_argument("--lr", type=float, help="SGD learning rate at the start of each stage" + default("lr"))
+    p.add_argument("--momentum", type=float, help="SGD momentum" + default("momentum"))
+    p.add_argument("--weight-decay", type=float,
+                   help="L2 on conv weights (not biases or BN)" + default("weight_decay"))
+    p.add_argument("--lr-step", type=int, help="multiply the lr by --lr-gamma every this many steps of a stage"
+                   + default("lr_step"))
+    p.add_argument("--lr-gamma", type=float, help="step-decay factor" + default("lr_gamma"))
+    p.add_argument("--eval-every", type=int,
+                   help="steps between val evaluations, each with a checkpoint" + default("eval_every"))
+    p.add_argument("--log-every", type=int, help="steps between logged losses" + default("log_every"))
+    p.add_argument("--proposals", choices=sorted(set(PROPOSAL_METHODS) - {"edgeboxes"}),
+                   help="proposal generator for stage 2 and val" + default("proposals"))
+    p.add_argument("--eval-max-proposals", type=int,
+                   help="val proposals per image (+ the whole image), as the segment job's --max-proposals"
+                        + default("eval_max_proposals"))
+    p.add_argument("--loader-workers", type=int, help="DataLoader processes per worker" + default("loader_workers"))
+    p.add_argument("--max-failures", type=int,
+                   help="worker-group restarts from the latest checkpoint (-1: no limit)" + default("max_failures"))
+    p.add_argument("--keep-checkpoints", type=int, help="checkpoints kept in storage" + default("keep_checkpoints"))
+    p.add_argument("--export", metavar="URI", help="model directory to write at the end, for the segment job")
+    p.add_argument("--seed", type=int, help="seed of the initialisation, shuffles and crops" + default("seed"))
+    add_storage_option_arg(p)
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """Parse and check everything that can be checked before work starts; a
+    problem is parser.error: one line, exit code 2."""
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        opts = dict(storage.parse_storage_option(s) for s in a.storage_option)
+        cfg = config_for(
+            a.preset, data=a.data, storage=a.storage, name=a.name or f"deconvnet-{a.preset}",
+            extra_train_lists=tuple(a.extra_train_list), init=a.init, num_workers=a.num_workers,
+            use_gpu=a.use_gpu, batch_size=a.batch_size, micro_batch_size=a.micro_batch_size,
+            stage1_steps=a.stage1_steps, stage2_steps=a.stage2_steps, lr=a.lr, momentum=a.momentum,
+            weight_decay=a.weight_decay, lr_step=a.lr_step, lr_gamma=a.lr_gamma, eval_every=a.eval_every,
+            log_every=a.log_every, proposals=a.proposals, eval_max_proposals=a.eval_max_proposals,
+            loader_workers=a.loader_workers, max_failures=a.max_failures,
+            keep_checkpoints=a.keep_checkpoints, export=a.export, seed=a.seed, storage_options=opts)
+        check_inputs(cfg)
+        check_resumable(cfg)
+    except ValueError as e:
+        parser.error(str(e))
+    return cfg
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """The data layout, the lists and --init, read from storage. ValueError on a problem."""
+    opts = cfg.storage_options
+    try:
+        for rel in (training.TRAIN_LIST, training.VAL_LIST):
+            if not storage.exists(storage.join(cfg.data, rel), opts):
+                raise ValueError(f"--data {cfg.data}: no {rel} (expected the PASCAL VOC layout: "
+                                 f"JPEGImages/, SegmentationClass/, ImageSets/Segmentation/)")
+        for uri in cfg.extra_train_lists:
+            if not storage.exists(uri, opts):
+                raise ValueError(f"--extra-train-list: no such file {uri}")
+    except OSError as e:  # unreachable endpoint, bad credentials, missing bucket
+        raise ValueError(f"--data {cfg.data}: cannot read: {type(e).__name__}: {e}") from e
+    if cfg.init:
+        try:
+            info = read_model_info(cfg.init, opts)
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"--init: {e}") from e
+        if not training.init_matches_preset(info, cfg.preset):
+            raise ValueError(f"--init {cfg.init} is not a '{cfg.preset}' DeconvNet ({info.config}); "
+                             f"pass the --preset it was made with")
+
+
+def check_resumable(cfg: TrainConfig) -> None:
+    """A run with this name that trained on other data (or from another init)
+    must not be resumed by mistake."""
+    try:
+        recorded = json.loads(storage.read_bytes(storage.join(cfg.results_uri, "config.json"), cfg.storage_options))
+    except FileNotFoundError:
+        return
+    now = cfg.record()
+
+    def same(a: Any, b: Any) -> bool:  # 's3://b/voc/' is 's3://b/voc'
+        if isinstance(a, list) and isinstance(b, list):
+            return len(a) == len(b) and all(map(same, a, b))
+        return a == b or (isinstance(a, str) and isinstance(b, str) and a.rstrip("/") == b.rstrip("/"))
+
+    changed = [k for k in RESUME_KEYS if not same(recorded.get(k), now[k])]
+    if changed:
+        was = ", ".join(f"{k}={recorded.get(k)!r}" for k in changed)
+        raise ValueError(f"run {cfg.name!r} under {cfg.storage} was started with {was}; "
+                         f"use another --name or the same settings to resume it")
+
+
+def run(cfg: TrainConfig, fault: dict[str, Any] | None = None) -> int:
+    """Train (or resume) the run; 0 when it is finished, 1 when training failed."""
+    final = training.read_final(cfg)
+    if final and final["step"] >= cfg.total_steps:
+        val = final.get("val") or {}
+        print(f"run {cfg.name!r} already finished at step {final['step']} (val mean IoU "
+              f"{val.get('mean_iou', float('nan')):.4f}); nothing to do. Results: {cfg.results_uri}")
+        return 0
+    record = {**cfg.record(), "launched": now_iso()}
+    storage.write_bytes(storage.join(cfg.results_uri, "config.json"),
+                        json.dumps(record, indent=2).encode(), cfg.storage_options)
+
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.torch import TorchTrainer
+
+    if cfg.num_workers and not ray.is_initialized():
+        # RAY_ADDRESS (set by `ray job submit`) joins the cluster; without it an
+        # embedded local Ray starts, whose workers inherit this environment.
+        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    fs, path = storage.pyarrow_filesystem(cfg.storage, cfg.storage_options)
+    scaling = (ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                             resources_per_worker={"CPU": 1 + cfg.loader_workers})
+               if cfg.num_workers else ScalingConfig(num_workers=0))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": cfg, "fault": fault},
+        scaling_config=scaling,
+        run_config=RunConfig(
+            name=cfg.name, storage_path=path, storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)))
+    try:
+        trainer.fit()
+    except TrainingFailedError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"train.py: training failed: {first}", file=sys.stderr)
+        return 1
+    final = training.read_final(cfg)
+    assert final, f"training ended without {training.FINAL_FILE} under {cfg.results_uri}"
+    val = final.get("val") or {}
+    print(f"run {cfg.name!r} finished at step {final['step']}: val mean IoU {val.get('mean_iou', float('nan')):.4f}, "
+          f"pixel accuracy {val.get('pixel_accuracy', float('nan')):.4f}; results: {cfg.results_uri}"
+          + (f"; model: {final['export']} ({final['model_id']})" if final["export"] else ""))
+    return 0
+
+
+def main(argv: list[str] | None = None, fault: dict[str, Any] | None = None) -> int:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    return run(parse_config(argv), fault)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
