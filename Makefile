@@ -16,6 +16,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
+	# OpenCV's contrib build last: it shares files with opencv-python-headless.
+	$(PY) -m pip install -q -e '.[selective-search]'
 	touch $@
 
 test: venv
