@@ -1,0 +1,92 @@
+"""Milliseconds per image of the segmenter: proposals -> crops -> forward ->
+paste-back -> merged map, for one model preset, on generated 500x375 images.
+
+    python bench/segmenter.py --preset tiny --max-proposals 50
+    python bench/segmenter.py --preset paper --images 32 --batch-size 64   # on a GPU
+
+Also times the forward pass alone on the same number of crops, so the cost of
+cropping, pasting back and merging shows as the difference. Appends a JSON
+line to bench/results/segmenter.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from deconvnet.model import build_model, preset  # noqa: E402
+from deconvnet.proposals import ProposalConfig, propose  # noqa: E402
+from deconvnet.segmenter import Segmenter, SegmenterConfig  # noqa: E402
+from deconvnet.synthetic import sample  # noqa: E402
+from deconvnet.weights import ModelInfo  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--images", type=int, default=4)
+    p.add_argument("--max-proposals", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--aggregate", default="max", choices=["max", "mean"])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "segmenter.json"))
+    a = p.parse_args(argv)
+    cfg = preset(a.preset)
+    seg = Segmenter(build_model(cfg), ModelInfo(config=cfg),
+                    SegmenterConfig(batch_size=a.batch_size, aggregate=a.aggregate), a.device)
+    rng = np.random.default_rng(0)
+    images = [sample(rng, 375, 500).image for _ in range(a.images)]
+    pc = ProposalConfig(max_proposals=a.max_proposals)
+    t0 = time.perf_counter()
+    boxes = [propose(im, pc) for im in images]
+    propose_ms = (time.perf_counter() - t0) * 1e3 / a.images
+    n_props = sum(len(b) for b in boxes)
+
+    def sync():
+        if seg.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    seg.segment(images[:1], boxes[:1])  # warm-up
+    times = []
+    for _ in range(a.repeats):
+        sync()
+        t0 = time.perf_counter()
+        seg.segment(images, boxes)
+        sync()
+        times.append(time.perf_counter() - t0)
+    x = torch.randn(a.batch_size, 3, 224, 224, device=seg.device)
+    fwd = []
+    with torch.inference_mode():
+        for _ in range(a.repeats):
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(-(-n_props // a.batch_size)):
+                seg._forward(seg.model, x)
+            sync()
+            fwd.append(time.perf_counter() - t0)
+    rec = {"preset": a.preset, "device": str(seg.device), "threads": torch.get_num_threads(), "images": a.images,
+           "size": "500x375", "proposals_per_image": n_props / a.images, "batch_size": a.batch_size,
+           "propose_ms_per_image": round(propose_ms, 1),
+           "segment_ms_per_image": round(statistics.median(times) * 1e3 / a.images, 1),
+           "forward_only_ms_per_image": round(statistics.median(fwd) * 1e3 / a.images, 1)}
+    print(f"{a.preset} on {rec['device']} ({rec['threads']} threads), {n_props / a.images:.0f} proposals/image, "
+          f"batch {a.batch_size}: propose {rec['propose_ms_per_image']} ms, segment "
+          f"{rec['segment_ms_per_image']} ms/image (forward alone {rec['forward_only_ms_per_image']} ms)")
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    return rec
+
+
+if __name__ == "__main__":
+    main()
