@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from deconvnet.model import PRESETS, DeconvNet
+from deconvnet.model import PRESETS, DeconvNet, preset
 from deconvnet.segmenter import MergedMap, Segmenter, SegmenterConfig, crop_boxes, integer_boxes
 from deconvnet.weights import ModelInfo
 
@@ -152,3 +152,35 @@ def test_segment_command_on_a_real_photograph(tmp_path):
                           "--model", str(tmp_path / "m"), "--out", str(tmp_path / "x.png")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("rule", ["mean", "product"])
+def test_edeconvnet_combines_with_fcn8s_by_the_named_rule(rule):
+    from deconvnet.model import FCN8s
+    torch.manual_seed(0)
+    cfg, fcfg = PRESETS["tiny"], PRESETS["fcn8s-tiny"]
+    deconv, fcn = DeconvNet(cfg).eval(), FCN8s(fcfg).eval()
+    with torch.no_grad():
+        fcn.score_fr.weight.normal_(std=1.0)  # FCN-8s scores start at zero: make them say something
+    images, boxes = _images_and_boxes()
+    config = SegmenterConfig(batch_size=4, ensemble=rule)
+    alone = Segmenter(deconv, ModelInfo(config=cfg), config, "cpu").segment(images, boxes)
+    both = Segmenter(deconv, ModelInfo(config=cfg), config, "cpu",
+                     fcn=(fcn, ModelInfo(config=fcfg))).segment(images, boxes)
+    for a, b, im in zip(alone, both, images):
+        x = torch.from_numpy(im).permute(2, 0, 1).float()[None]
+        mean = torch.tensor(ModelInfo(config=fcfg).mean).view(1, 3, 1, 1) * 255
+        std = torch.tensor(ModelInfo(config=fcfg).std).view(1, 3, 1, 1) * 255
+        with torch.inference_mode():
+            f = fcn((x - mean) / std).softmax(1)[0].numpy()  # (C, H, W)
+        expect = (a + f) / 2 if rule == "mean" else a * f / (a * f).sum(0, keepdims=True)
+        np.testing.assert_allclose(b, expect, rtol=1e-4, atol=1e-6)
+        assert not np.allclose(a, b, atol=1e-3)
+
+
+def test_fcn_model_with_other_classes_is_refused():
+    from deconvnet.model import FCN8s
+    fcfg = preset("fcn8s-tiny", num_classes=3)
+    with pytest.raises(ValueError, match="classes"):
+        Segmenter(DeconvNet(PRESETS["tiny"]), ModelInfo(config=PRESETS["tiny"]), SegmenterConfig(), "cpu",
+                  fcn=(FCN8s(fcfg), ModelInfo(config=fcfg, classes=("a", "b", "c"))))
