@@ -39,6 +39,10 @@ from . import storage
 from .voc import IGNORE_INDEX, VOC_CLASSES, encode_label_png
 
 SHAPES = ("disc", "rectangle", "triangle", "ring", "cross")
+# Area of each shape in its [-1, 1]^2 frame; objects are scaled by sqrt(pi / area)
+# so every class covers about as many pixels as a disc and none is starved.
+SHAPE_AREA = {"disc": np.pi, "rectangle": 4.0, "triangle": 2.0, "ring": np.pi * (1 - 0.55**2),
+              "cross": 4 * 0.66 - 0.66**2}
 TEXTURES = ("solid", "stripes", "checker", "dots")
 # 5 shapes x 4 textures, cycled together: class k gets SHAPES[(k-1) % 5] and
 # TEXTURES[(k-1) % 4], which are 20 distinct pairs, one per VOC object class.
@@ -151,7 +155,8 @@ def sample(rng: np.random.Generator, height: int = 256, width: int = 256, classe
     for _ in range(rng.integers(1, 5)):
         k = int(rng.integers(1, classes + 1))
         shape, texture, hue = class_appearance(k, classes)
-        half = rng.uniform(0.1, 0.3) * side  # object spans 20-60% of the side
+        half = rng.uniform(0.1, 0.3) * side  # a disc spans 20-60% of the side
+        half *= np.sqrt(np.pi / SHAPE_AREA[shape])
         aspect = rng.uniform(0.7, 1.4)
         cx = rng.uniform(0.6 * half, width - 0.6 * half)
         cy = rng.uniform(0.6 * half, height - 0.6 * half)
