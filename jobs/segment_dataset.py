@@ -26,6 +26,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from deconvnet import storage  # noqa: E402
+from deconvnet.cli import add_storage_option_arg, storage_options_from  # noqa: E402
 from deconvnet.crf import CRF_PRESETS  # noqa: E402
 from deconvnet.proposals import PROPOSAL_METHODS, ProposalConfig  # noqa: E402
 from deconvnet.segmenter import AGGREGATES, ENSEMBLES  # noqa: E402
@@ -77,8 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip images this model already labelled under --output")
     p.add_argument("--overlays", action="store_true", help="also write overlays/<path>.jpg")
     p.add_argument("--fail-on-error", action="store_true", help="exit 1 if any image is an error row")
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="fsspec option for every URI (repeatable), e.g. endpoint_url=http://host:9000")
+    add_storage_option_arg(p)
     return p
 
 
@@ -87,8 +87,8 @@ def parse_config(argv: list[str] | None = None) -> SegmentJobConfig:
     problem is parser.error: one line, exit code 2."""
     parser = build_parser()
     a = parser.parse_args(argv)
+    opts = storage_options_from(parser, a.storage_option)
     try:
-        opts = dict(storage.parse_storage_option(s) for s in a.storage_option)
         ProposalConfig(method=a.proposals, max_proposals=a.max_proposals, edge_model=a.edge_model)
     except ValueError as e:
         parser.error(str(e))
