@@ -606,6 +606,12 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     return total
 
 
+def autotune_convolutions(device: torch.device) -> None:
+    """Let cuDNN pick its fastest kernels: every training crop has the same size."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The network inside a DistributedDataParallel wrapper (or the model)."""
     return getattr(model, "module", model)
@@ -651,6 +657,14 @@ def evaluate(model: nn.Module, dataset: VocDataset, info: ModelInfo, proposals: 
             cm.update(p.argmax(0), s.classes)
     model.train(was_training)
     return cm
+
+
+def broadcast_buffers_(model: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BN running statistics): each rank
+    updates its own in its last forward, and the exported model is rank 0's."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
 
 
 def all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
@@ -782,7 +796,7 @@ def export_model(model: nn.Module, info: ModelInfo, config: TrainConfig, state: 
     provenance = {
         "created": now_iso(), "created_by": "jobs/train.py", "run_name": config.name,
         "data": config.data, "extra_train_lists": list(config.extra_train_lists),
-        "preset": config.preset, "init": config.init, "init_model_id": info.model_id or None,
+        "preset": config.preset, "init": config.init,
         "steps": state.step, "stage1_steps": config.stage1_steps, "stage2_steps": config.stage2_steps,
         "batch_size": config.batch_size, "val_mean_iou": last.get("mean_iou"),
         "val_pixel_accuracy": last.get("pixel_accuracy"),
@@ -817,7 +831,8 @@ __all__ = [
     "connected_components", "Instance", "find_instances", "object_labels", "box_iou",
     "matching_proposals", "crop_and_augment", "normalise", "CropDataset", "StreamSampler",
     "crop_loader", "param_groups", "make_optimizer", "learning_rate", "segmentation_loss",
-    "train_step", "unwrap", "initial_model", "init_matches_preset", "evaluate", "all_reduce_",
+    "train_step", "autotune_convolutions", "unwrap", "initial_model", "init_matches_preset", "evaluate", "broadcast_buffers_",
+    "all_reduce_",
     "TrainState", "save_checkpoint", "load_checkpoint", "history_csv", "plot_curves",
     "write_results", "export_model", "read_final", "write_final",
 ]

@@ -39,15 +39,18 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from deconvnet import storage, training  # noqa: E402
-from deconvnet.__main__ import add_storage_option_arg  # noqa: E402
+from deconvnet.cli import add_storage_option_arg  # noqa: E402
 from deconvnet.proposals import PROPOSAL_METHODS, ProposalConfig  # noqa: E402
 from deconvnet.training import RECIPES, TrainConfig, config_for  # noqa: E402
-from deconvnet.weights import now_iso, read_model_info  # noqa: E402
+from deconvnet.weights import ModelInfo, now_iso, read_model_info  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
 
 # Fields that must match when a run with the same --name is resumed.
 RESUME_KEYS = ("data", "extra_train_lists", "preset", "init")
@@ -62,6 +65,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     `{"rank", "step", "marker"}` makes that rank exit its process at that step,
     once (the marker object records that it did).
     """
+    # Imports here, not at the top: this function is pickled by value, and
+    # cloudpickle cannot pickle torch's pseudo-modules that a global `torch` drags in.
     import ray.train
     import ray.train.torch
     import torch
@@ -81,8 +86,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         say(f"resuming {cfg.name} from step {state.step}")
     else:
         (model, info), state, optimizer_state = training.initial_model(cfg), training.TrainState(), None
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed 224x224 crops
+    training.autotune_convolutions(device)
     model = ray.train.torch.prepare_model(model)  # DDP (nccl on GPU, gloo on CPU), on `device`
     optimizer = training.make_optimizer(training.unwrap(model), cfg)
     if optimizer_state:
@@ -124,8 +128,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             say(f"exported {cfg.export} (model id {exported.model_id})")
 
 
-def _evaluate_and_report(model, optimizer, info, val, cfg: TrainConfig, state: training.TrainState,
-                         rank: int, world: int, device) -> None:
+def _evaluate_and_report(model: torch.nn.Module, optimizer: torch.optim.Optimizer, info: ModelInfo,
+                         val: training.VocDataset, cfg: TrainConfig, state: training.TrainState,
+                         rank: int, world: int, device: torch.device) -> None:
     """Val confusion matrix over all ranks (each takes every world-th image),
     the results files, and one `ray.train.report` with the checkpoint.
 
@@ -139,6 +144,7 @@ def _evaluate_and_report(model, optimizer, info, val, cfg: TrainConfig, state: t
     from deconvnet.metrics import ConfusionMatrix
 
     net = training.unwrap(model)
+    training.broadcast_buffers_(net)  # every rank evaluates the weights rank 0 checkpoints and exports
     proposals = ProposalConfig(method=cfg.proposals, max_proposals=cfg.eval_max_proposals)
     cm = training.evaluate(net, val, info, proposals, device, indices=range(rank, len(val), world))
     cm = ConfusionMatrix.from_matrix(training.all_reduce_(torch.from_numpy(cm.matrix).to(device)).cpu())
@@ -186,13 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
             else f" (default: {paper[name]})"
 
     p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True,
+    p.add_argument("--data", required=True, metavar="URI",
                    help="PASCAL VOC-layout root URI: JPEGImages/, SegmentationClass/ (palette PNGs, "
                         "255 = ignore), SegmentationObject/ when present, ImageSets/Segmentation/{train,val}.txt")
     p.add_argument("--extra-train-list", action="append", default=[], metavar="URI",
                    help="another training list (repeatable), e.g. SBD-augmented ids; lines are ids or "
                         "'IMAGE LABEL' paths relative to --data; val images in it are dropped")
-    p.add_argument("--storage", required=True, help="URI under which <name>/ holds checkpoints and results")
+    p.add_argument("--storage", required=True, metavar="URI", help="URI under which <name>/ holds checkpoints and results")
     p.add_argument("--name", help="run name; the same name resumes that run (default: deconvnet-<preset>)")
     p.add_argument("--preset", choices=sorted(RECIPES), default="paper",
                    help="architecture (without --init) and recipe defaults: 'paper' is the published "
@@ -303,7 +309,7 @@ def check_resumable(cfg: TrainConfig) -> None:
 
 
 def run(cfg: TrainConfig, fault: dict[str, Any] | None = None) -> int:
-    """Train (or resume) the run; 0 when it is finished, 1 when training failed."""
+    """Train (or resume) the run. 0: finished; 1: training failed; 2: storage not writable."""
     final = training.read_final(cfg)
     if final and final["step"] >= cfg.total_steps:
         val = final.get("val") or {}
@@ -311,8 +317,12 @@ def run(cfg: TrainConfig, fault: dict[str, Any] | None = None) -> int:
               f"{val.get('mean_iou', float('nan')):.4f}); nothing to do. Results: {cfg.results_uri}")
         return 0
     record = {**cfg.record(), "launched": now_iso()}
-    storage.write_bytes(storage.join(cfg.results_uri, "config.json"),
-                        json.dumps(record, indent=2).encode(), cfg.storage_options)
+    try:
+        storage.write_bytes(storage.join(cfg.results_uri, "config.json"),
+                            json.dumps(record, indent=2).encode(), cfg.storage_options)
+    except OSError as e:  # missing bucket, no permission
+        print(f"train.py: --storage {cfg.storage}: cannot write: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
 
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
