@@ -13,6 +13,7 @@ Errors are built-in types raised from their cause: a missing object is
 
 from __future__ import annotations
 
+import mimetypes
 import os
 import posixpath
 from collections.abc import Iterable, Mapping
@@ -73,7 +74,9 @@ def read_bytes(uri: str, storage_options: StorageOptions | None = None) -> bytes
 
 def write_bytes(uri: str, data: bytes, storage_options: StorageOptions | None = None) -> None:
     """Write a whole object. Object stores replace it atomically; on a local disk
-    the bytes go to a temporary file first, so readers never see half a file."""
+    the bytes go to a temporary file first, so readers never see half a file.
+    On S3 and GCS the object gets the content type of its extension, so a bucket
+    served over HTTP shows index.html as a page and masks as images."""
     fs, path = url_to_fs(uri, storage_options)
     if is_local(uri):
         parent = posixpath.dirname(path)
@@ -84,7 +87,20 @@ def write_bytes(uri: str, data: bytes, storage_options: StorageOptions | None = 
             f.write(data)
         os.replace(tmp, path)
     else:
-        fs.pipe_file(path, data)
+        fs.pipe_file(path, data, **_content_type(uri))
+
+
+def _content_type(uri: str) -> dict[str, str]:
+    """The put-object keyword that sets the content type, for the stores that take one."""
+    kind = mimetypes.types_map.get(posixpath.splitext(uri)[1].lower())
+    protocol, _ = split_protocol(uri)
+    if kind is None:
+        return {}
+    if protocol in ("s3", "s3a"):
+        return {"ContentType": kind}
+    if protocol in ("gs", "gcs"):
+        return {"content_type": kind}
+    return {}
 
 
 def exists(uri: str, storage_options: StorageOptions | None = None) -> bool:

@@ -40,6 +40,14 @@ def test_s3_endpoint_comes_from_the_environment(s3_bucket, s3_endpoint):
     assert fs.endpoint_url == s3_endpoint and path == s3_bucket[len("s3://"):] + "/k"
 
 
+def test_s3_objects_get_the_content_type_of_their_extension(s3_bucket):
+    for name, kind in (("index.html", "text/html"), ("m/a.png", "image/png"), ("o/a b.JPG", "image/jpeg")):
+        uri = storage.join(s3_bucket, name)
+        storage.write_bytes(uri, b"x")
+        fs, path = storage.url_to_fs(uri)
+        assert fs.info(path)["ContentType"] == kind
+
+
 def test_redact_hides_secrets_but_keeps_endpoint():
     r = storage.redact({"key": "AKIA", "secret": "s3cr3t", "endpoint_url": "http://h",
                         "client_kwargs": {"aws_session_token": "tok"}})
