@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--incremental", action=argparse.BooleanOptionalAction, default=True,
                    help="skip images this model already labelled under --output")
     p.add_argument("--overlays", action="store_true", help="also write overlays/<path>.jpg")
+    p.add_argument("--gallery", action="store_true",
+                   help="write index.html: a sample of images with overlays, classes and confidences, "
+                        "and a per-class pixel chart of the whole output")
+    p.add_argument("--gallery-size", type=_positive,
+                   help=f"images in the gallery's sample; {SegmentJobConfig.gallery_size} when not given")
     p.add_argument("--fail-on-error", action="store_true", help="exit 1 if any image is an error row")
     add_storage_option_arg(p)
     return p
@@ -88,6 +93,8 @@ def parse_config(argv: list[str] | None = None) -> SegmentJobConfig:
     parser = build_parser()
     a = parser.parse_args(argv)
     opts = storage_options_from(parser, a.storage_option)
+    if a.gallery_size is not None and not a.gallery:
+        parser.error("--gallery-size needs --gallery")
     try:
         ProposalConfig(method=a.proposals, max_proposals=a.max_proposals, edge_model=a.edge_model)
     except ValueError as e:
@@ -115,7 +122,8 @@ def parse_config(argv: list[str] | None = None) -> SegmentJobConfig:
         crf=a.crf, crf_max_side=a.crf_max_side, batch_size=a.batch_size, images_per_batch=a.images_per_batch,
         gpu_actors=a.gpu_actors, gpus_per_actor=a.gpus_per_actor, cpus_per_actor=a.cpus_per_actor,
         crf_cpus=a.crf_cpus, limit=a.limit, incremental=a.incremental, overlays=a.overlays,
-        fail_on_error=a.fail_on_error, storage_options=opts)
+        gallery=a.gallery, fail_on_error=a.fail_on_error, storage_options=opts,
+        **({"gallery_size": a.gallery_size} if a.gallery_size else {}))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
           f"in {record['seconds']:.1f} s ({record['images_per_second'] or 0:.2f} images/s)")
     print(f"masks: {storage.join(cfg.output, 'masks')}  predictions: {storage.join(cfg.output, 'predictions')}  "
           f"record: {record['record_uri']}")
+    if "gallery_uri" in record:
+        print(f"gallery: {record['gallery_uri']}")
     if c["error"]:
         print(f"{c['error']} images could not be labelled: see the rows with status='error' in predictions/")
     return 1 if cfg.fail_on_error and c["error"] else 0

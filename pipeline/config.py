@@ -15,7 +15,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 @dataclass(frozen=True)
 class SegmentJobConfig:
     input: str  # prefix or single file, any fsspec URI or local path
-    output: str  # masks/, overlays/, predictions/, runs/ go under it
+    output: str  # masks/, overlays/, predictions/, runs/, index.html go under it
     model: str  # DeconvNet model directory
     fcn_model: str | None = None  # FCN-8s model directory: EDeconvNet ensemble
     ensemble: str = "mean"  # the paper's rule; "product" as the original code
@@ -34,6 +34,8 @@ class SegmentJobConfig:
     limit: int | None = None  # only the first N inputs (sorted), for trials
     incremental: bool = True  # skip inputs already labelled by this model
     overlays: bool = False  # also write colour overlays as JPEG
+    gallery: bool = False  # write index.html: a sample, its overlays, a per-class pixel chart
+    gallery_size: int = 48  # images on that page: a screenful or two, quick to load
     fail_on_error: bool = False  # exit 1 when any input is an error row
     rows_per_part: int = 5000  # Parquet rows per part file written by the driver
     storage_options: dict[str, Any] = field(default_factory=dict)

@@ -21,9 +21,10 @@ from deconvnet.proposals import ProposalConfig
 from deconvnet.segmenter import SegmenterConfig
 from deconvnet.weights import ModelInfo, now_iso, palette_array, read_model_info
 
-from . import stages
+from . import gallery, stages
 from .config import IMAGE_SUFFIXES, SegmentJobConfig
-from .outputs import PredictionWriter, input_root, new_run_id, read_done, relative_key, write_run_record
+from .outputs import (PredictionWriter, input_root, iter_rows, latest_rows, new_run_id, read_done, read_predictions,
+                      relative_key, write_run_record)
 
 
 class JobFailed(RuntimeError):
@@ -53,7 +54,7 @@ def plan(cfg: SegmentJobConfig, todo: list[dict[str, Any]], info: ModelInfo, run
         fn_constructor_kwargs={
             "model": cfg.model, "fcn_model": cfg.fcn_model,
             "config": SegmenterConfig(batch_size=cfg.batch_size, aggregate=cfg.aggregate, ensemble=cfg.ensemble),
-            "with_crf": with_crf, "keep_image": with_crf or cfg.overlays,
+            "with_crf": with_crf,
             "cpu_threads": int(cfg.cpus_per_actor), "storage_options": opts},
         # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1: a
         # lost actor is replaced and its batch retried; writes are idempotent.
@@ -62,10 +63,10 @@ def plan(cfg: SegmentJobConfig, todo: list[dict[str, Any]], info: ModelInfo, run
         crf = crf_config(cfg.crf, max_side=cfg.crf_max_side)
         ds = ds.map_batches(stages.refine, batch_size=1, num_cpus=1,
                             compute=ray.data.TaskPoolStrategy(size=cfg.crf_cpus) if cfg.crf_cpus else None,
-                            fn_kwargs={"crf": crf, "keep_image": cfg.overlays})
+                            fn_kwargs={"crf": crf})
     ds = ds.map_batches(stages.write, batch_size=cfg.images_per_batch, num_cpus=1, fn_kwargs={
         "output": cfg.output, "num_classes": info.config.num_classes, "palette": palette_array(info),
-        "overlays": cfg.overlays, "model_id": info.model_id, "run_id": run_id, "storage_options": opts})
+        "model_id": info.model_id, "run_id": run_id, "storage_options": opts})
     return ds
 
 
@@ -98,8 +99,11 @@ def run(cfg: SegmentJobConfig, log: Callable[[str], None] = print) -> dict[str, 
     if cfg.limit is not None:
         files = files[: cfg.limit]
     done = read_done(cfg.output, info.model_id, opts) if cfg.incremental else {}
+    # Overlays for every image with --overlays; with --gallery, for the images it will show.
+    shown = gallery.sample([f.uri for f in files], cfg.gallery_size) if cfg.gallery else set()
     todo = [{"image_uri": f.uri, "rel": relative_key(f.uri, root), "source_size": f.size,
-             "source_version": f.version} for f in files if done.get(f.uri) != (f.size, f.version)]
+             "source_version": f.version, "overlay": cfg.overlays or f.uri in shown}
+            for f in files if done.get(f.uri) != (f.size, f.version)]
     run_id = new_run_id()
     record: dict[str, Any] = {
         "run_id": run_id, "status": "running", "started": now_iso(), "model_id": info.model_id,
@@ -116,6 +120,9 @@ def run(cfg: SegmentJobConfig, log: Callable[[str], None] = print) -> dict[str, 
         else:
             log("nothing new to label: no segmentation work done")
         writer.flush()
+        if cfg.gallery:
+            record["counts"].update(writer.counts)
+            record["gallery_uri"] = write_gallery(cfg, info, record)
         record["status"] = "completed"
     except Exception as e:
         writer.flush()  # what finished stays finished: the next incremental run skips it
@@ -130,3 +137,14 @@ def run(cfg: SegmentJobConfig, log: Callable[[str], None] = print) -> dict[str, 
                       if elapsed > 0 else None)
         record["record_uri"] = write_run_record(cfg.output, run_id, record, opts)
     return record
+
+
+def write_gallery(cfg: SegmentJobConfig, info: ModelInfo, run: dict[str, Any]) -> str:
+    """index.html over every image under --output (the latest row of each), so the
+    page shows the whole output even after a run that labelled nothing new."""
+    rows = latest_rows(read_predictions(cfg.output, list(gallery.COLUMNS), cfg.storage_options))
+    summary = gallery.summarize(iter_rows(rows), cfg.gallery_size)
+    page = gallery.render(summary, output=cfg.output, classes=info.classes, palette=palette_array(info), run=run)
+    uri = storage.join(cfg.output, "index.html")
+    storage.write_bytes(uri, page.encode("utf-8", "replace"), cfg.storage_options)
+    return uri

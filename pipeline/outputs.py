@@ -4,6 +4,7 @@
     overlays/<same, extension .jpg>                           with --overlays
     predictions/<run_id>-part-<n>.parquet                     one row per input processed
     runs/<run_id>.json                                        config, counts, times
+    index.html                                                with --gallery (pipeline/gallery.py)
 
 Output paths are a pure function of the input URI, so a retried task rewrites
 the same objects. Parquet parts are written by the driver as rows arrive, after
@@ -19,10 +20,12 @@ import io
 import json
 import posixpath
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from deconvnet import storage
@@ -83,22 +86,46 @@ def overlay_uri(output: str, rel: str) -> str:
     return storage.join(output, "overlays", posixpath.splitext(rel)[0] + ".jpg")
 
 
+def read_predictions(output: str, columns: list[str] | None = None, storage_options=None) -> pa.Table:
+    """Every row under predictions/ (of all runs), as one table; empty when there is none."""
+    try:
+        parts = storage.list_files(storage.join(output, "predictions"), suffixes=[".parquet"],
+                                   storage_options=storage_options)
+    except FileNotFoundError:
+        parts = []
+    schema = pa.schema([PREDICTION_SCHEMA.field(c) for c in columns]) if columns else PREDICTION_SCHEMA
+    tables = [pq.read_table(io.BytesIO(storage.read_bytes(p, storage_options)), columns=columns) for p in parts]
+    return pa.concat_tables([t.cast(schema) for t in tables]) if tables else schema.empty_table()
+
+
+def latest_rows(table: pa.Table) -> pa.Table:
+    """One row per image_uri: the one from the latest run, i.e. what masks/ holds
+    now (run ids start with their UTC start time, so they sort by time)."""
+    if table.num_rows == 0:
+        return table
+    order = pc.sort_indices(table, [("image_uri", "ascending"), ("run_id", "descending")])
+    table = table.take(order)
+    uris = table.column("image_uri").combine_chunks()
+    first = np.ones(len(uris), dtype=bool)  # the first row of each image_uri after the sort
+    first[1:] = pc.not_equal(uris[1:], uris[:-1]).to_numpy(zero_copy_only=False)
+    return table.filter(pa.array(first))
+
+
 def read_done(output: str, model_id: str, storage_options=None) -> dict[str, tuple[int, str]]:
     """{image_uri: (size, version)} of inputs that earlier runs finished with this
     model: labelled ok, or found to be a bad file (permanent error)."""
-    pred = storage.join(output, "predictions")
-    try:
-        parts = storage.list_files(pred, suffixes=[".parquet"], storage_options=storage_options)
-    except FileNotFoundError:
-        return {}
-    done: dict[str, tuple[int, str]] = {}
     cols = ["image_uri", "status", "permanent", "model_id", "source_size", "source_version"]
-    for part in parts:
-        t = pq.read_table(io.BytesIO(storage.read_bytes(part, storage_options)), columns=cols).to_pylist()
-        for r in t:
-            if r["model_id"] == model_id and (r["status"] == "ok" or r["permanent"]):
-                done[r["image_uri"]] = (r["source_size"], r["source_version"])
+    done: dict[str, tuple[int, str]] = {}
+    for r in iter_rows(read_predictions(output, cols, storage_options)):
+        if r["model_id"] == model_id and (r["status"] == "ok" or r["permanent"]):
+            done[r["image_uri"]] = (r["source_size"], r["source_version"])
     return done
+
+
+def iter_rows(table: pa.Table) -> Iterator[dict[str, Any]]:
+    """The table's rows as dicts, a record batch at a time (not all at once)."""
+    for batch in table.to_batches():
+        yield from batch.to_pylist()
 
 
 class PredictionWriter:

@@ -9,6 +9,8 @@ over a Ray Data batch: a dict of column name -> numpy array.
 Rows never disappear: a file that cannot be read or decoded becomes a row with
 status "error" and a message, and flows through every stage untouched.
 Resources (GPUs, pool sizes, batch sizes) are set in one place, pipeline/job.py.
+A row's decoded image travels past the model only while the CRF needs it or the
+row's "overlay" flag (set by the driver) asks for an overlay.
 """
 
 from __future__ import annotations
@@ -85,12 +87,12 @@ class Segment:
     label map itself when there is no CRF)."""
 
     def __init__(self, model: str, fcn_model: str | None, config: SegmenterConfig,
-                 with_crf: bool, keep_image: bool, cpu_threads: int, storage_options: dict):
+                 with_crf: bool, cpu_threads: int, storage_options: dict):
         if not torch.cuda.is_available():
             torch.set_num_threads(max(1, cpu_threads))
         self.segmenter = Segmenter.from_model_dir(model, config, fcn_uri=fcn_model,
                                                   storage_options=storage_options)
-        self.with_crf, self.keep_image = with_crf, keep_image
+        self.with_crf = with_crf
 
     def _segment(self, images: list[np.ndarray], boxes: list[np.ndarray]) -> list[np.ndarray | Exception]:
         try:
@@ -122,12 +124,11 @@ class Segment:
             batch["probs"] = ragged(probs)
         else:
             batch["labels"], batch["mean_confidence"] = ragged(labels), confidence
-            if not self.keep_image:
-                batch["image"] = ragged([EMPTY_IMAGE] * n)
+            batch["image"] = _images_for_overlays(batch)
         return batch
 
 
-def refine(batch: Batch, crf: CRFConfig, keep_image: bool) -> Batch:
+def refine(batch: Batch, crf: CRFConfig) -> Batch:
     """Dense CRF on each merged map -> label map and mean confidence."""
     batch, n = _writable(batch), len(batch["image_uri"])
     labels, confidence = [EMPTY_LABELS] * n, np.zeros(n, np.float32)
@@ -140,14 +141,18 @@ def refine(batch: Batch, crf: CRFConfig, keep_image: bool) -> Batch:
         batch["seconds"][i] += time.perf_counter() - t0
     del batch["probs"]
     batch["labels"], batch["mean_confidence"] = ragged(labels), confidence
-    if not keep_image:
-        batch["image"] = ragged([EMPTY_IMAGE] * n)
+    batch["image"] = _images_for_overlays(batch)
     return batch
 
 
+def _images_for_overlays(batch: Batch) -> np.ndarray:
+    """The image column with only the images that an overlay still needs."""
+    return ragged([im if flag else EMPTY_IMAGE for im, flag in zip(batch["image"], batch["overlay"])])
+
+
 def write(batch: Batch, output: str, num_classes: int, palette: np.ndarray,
-          overlays: bool, model_id: str, run_id: str, storage_options: dict) -> Batch:
-    """Write masks (and overlays) and turn each row into its Parquet record."""
+          model_id: str, run_id: str, storage_options: dict) -> Batch:
+    """Write masks (and the overlays rows ask for) and turn each row into its Parquet record."""
     from .outputs import mask_uri, overlay_uri
 
     batch, n, c = _writable(batch), len(batch["image_uri"]), num_classes
@@ -159,7 +164,7 @@ def write(batch: Batch, output: str, num_classes: int, palette: np.ndarray,
             lab = batch["labels"][i]
             masks[i] = mask_uri(output, batch["rel"][i])
             storage.write_bytes(masks[i], encode_label_png(lab, palette), storage_options)
-            if overlays:
+            if batch["overlay"][i]:
                 overlay_uris[i] = overlay_uri(output, batch["rel"][i])
                 storage.write_bytes(overlay_uris[i], encode_jpeg(overlay(batch["image"][i], lab, palette=palette)),
                                     storage_options)

@@ -1,5 +1,5 @@
-"""Shared fixtures: a real S3 endpoint on 127.0.0.1 (moto's server mode) and one
-embedded Ray per test session.
+"""Shared fixtures: a real S3 endpoint on 127.0.0.1 (moto's server mode), one
+embedded Ray per test session, and a tiny DeconvNet model directory.
 
 The environment is set at import time, before anything imports boto or Ray, so
 that Ray workers started later inherit it.
@@ -64,3 +64,17 @@ def ray_session(s3_endpoint):
              configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A model directory holding the tiny preset with seeded random weights."""
+    import torch
+
+    from deconvnet.model import PRESETS, DeconvNet
+    from deconvnet.weights import ModelInfo, save_model_dir
+
+    torch.manual_seed(0)
+    uri = str(tmp_path_factory.mktemp("model"))
+    save_model_dir(DeconvNet(PRESETS["tiny"]), uri, ModelInfo(config=PRESETS["tiny"]))
+    return uri

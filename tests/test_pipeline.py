@@ -12,13 +12,10 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from corpus import corpus
 
 from deconvnet import storage
-from deconvnet.model import PRESETS, DeconvNet
 from deconvnet.voc import decode_label_png
-from deconvnet.weights import ModelInfo, save_model_dir
 from pipeline.job import run
 from pipeline.outputs import relative_key
 
@@ -27,14 +24,6 @@ import segment_dataset  # noqa: E402
 
 CORPUS = corpus()
 FAST = ["--max-proposals", "3", "--batch-size", "8", "--images-per-batch", "4"]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    uri = str(tmp_path_factory.mktemp("model"))
-    save_model_dir(DeconvNet(PRESETS["tiny"]), uri, ModelInfo(config=PRESETS["tiny"]))
-    return uri
 
 
 def upload(base: str, files: dict[str, tuple[bytes, str, object]], prefix: str = "images/2026/") -> str:
@@ -54,7 +43,7 @@ def test_s3_end_to_end_with_bad_files_then_incremental(ray_session, s3_bucket, t
     images = upload(s3_bucket, CORPUS)
     output = storage.join(s3_bucket, "labels")
     assert segment_dataset.main(["--input", images, "--output", output, "--model", tiny_model,
-                                 "--overlays", *FAST]) == 0
+                                 "--overlays", "--gallery", *FAST]) == 0
     rows = predictions(output)
     by_uri = {r["image_uri"]: r for r in rows}
     assert len(rows) == len(by_uri) == len(CORPUS)  # exactly one row per input
@@ -73,6 +62,8 @@ def test_s3_end_to_end_with_bad_files_then_incremental(ray_session, s3_bucket, t
             assert re.search(expect, r["error"]) and r["mask_uri"] == "" and r["permanent"]
     record = json.loads(storage.read_bytes(storage.list_files(storage.join(output, "runs"))[0]))
     assert record["status"] == "completed"
+    fs, path = storage.url_to_fs(record["gallery_uri"])  # served from the bucket, it is a page
+    assert record["gallery_uri"] == storage.join(output, "index.html") and fs.info(path)["ContentType"] == "text/html"
     assert record["counts"] == {"seen": len(CORPUS), "skipped": 0, "ok": 9, "error": 4}
 
     # A second run over the unchanged bucket segments nothing and adds no rows.
@@ -125,6 +116,8 @@ def test_fail_on_error_exits_1(ray_session, tmp_path, tiny_model):
     (["--proposals", "edgeboxes"], "needs a structured-edge model"),
     (["--input", "/nonexistent/images"], "--input: nothing at /nonexistent/images"),
     (["--storage-option", "novalue"], "KEY=VALUE"),
+    (["--gallery-size", "0"], "--gallery-size: must be >= 1, got 0"),
+    (["--gallery-size", "5"], "--gallery-size needs --gallery"),
 ])
 def test_bad_arguments_are_one_line_and_exit_2(tmp_path, tiny_model, args, message):
     (tmp_path / "in").mkdir()
