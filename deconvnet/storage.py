@@ -9,6 +9,13 @@ credential variables, or explicitly through `storage_options`
 
 Errors are built-in types raised from their cause: a missing object is
 `FileNotFoundError(uri)`, a malformed URI `ValueError`.
+
+Object stores fail transiently (503 SlowDown, a dropped connection, an endpoint
+restarting), so every call here retries with exponential backoff and jitter
+until `DECONVNET_STORAGE_RETRY_SECONDS` (default 120) have passed, then raises
+`StorageUnavailable`, which names the URI and the last error. Errors that
+retrying cannot fix (missing object, no permission, a bad URI) are raised at
+once. s3fs's own short retries run inside each attempt.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ from __future__ import annotations
 import mimetypes
 import os
 import posixpath
+import random
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +33,39 @@ import fsspec
 from fsspec.core import split_protocol
 
 StorageOptions = Mapping[str, Any]
+
+RETRY_SECONDS_ENV = "DECONVNET_STORAGE_RETRY_SECONDS"
+_FIRST_WAIT, _MAX_WAIT = 0.2, 10.0  # backoff: 0.2 s doubling up to 10 s, with jitter
+# Failures no retry can fix; everything else an object store raises is worth another try.
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+              FileExistsError, ValueError, TypeError, KeyError, NotImplementedError)
+
+
+class StorageUnavailable(OSError):
+    """Storage kept failing for the whole retry budget (endpoint down, throttled, 5xx)."""
+
+
+def retry_seconds() -> float:
+    return float(os.environ.get(RETRY_SECONDS_ENV, "120"))
+
+
+def _retrying(what: str, uri: str, call, *args, **kwargs):
+    """`call(*args, **kwargs)`, retried on transient errors for `retry_seconds()`."""
+    budget, start, attempt = retry_seconds(), time.monotonic(), 0
+    while True:
+        try:
+            return call(*args, **kwargs)
+        except _PERMANENT:
+            raise
+        except Exception as e:  # noqa: BLE001 - s3fs/botocore/aiohttp errors share no base class
+            attempt += 1
+            elapsed = time.monotonic() - start
+            wait = min(_MAX_WAIT, _FIRST_WAIT * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+            if elapsed + wait > budget:
+                raise StorageUnavailable(
+                    f"{what} {uri}: storage still failing after {attempt} attempts over {elapsed:.0f} s "
+                    f"(retry budget {budget:g} s, {RETRY_SECONDS_ENV}): {type(e).__name__}: {e}") from e
+            time.sleep(wait)
 
 # Keys whose values must never reach a log, a record or an exception message.
 _SECRET_KEYS = ("secret", "token", "password", "key", "credential", "session")
@@ -65,7 +107,7 @@ def join(base: str, *parts: str) -> str:
 def read_bytes(uri: str, storage_options: StorageOptions | None = None) -> bytes:
     fs, path = url_to_fs(uri, storage_options)
     try:
-        return fs.cat_file(path)
+        return _retrying("read", uri, fs.cat_file, path)
     except FileNotFoundError as e:
         raise FileNotFoundError(uri) from e
     except IsADirectoryError as e:
@@ -87,7 +129,7 @@ def write_bytes(uri: str, data: bytes, storage_options: StorageOptions | None = 
             f.write(data)
         os.replace(tmp, path)
     else:
-        fs.pipe_file(path, data, **_content_type(uri))
+        _retrying("write", uri, fs.pipe_file, path, data, **_content_type(uri))
 
 
 def _content_type(uri: str) -> dict[str, str]:
@@ -106,12 +148,12 @@ def _content_type(uri: str) -> dict[str, str]:
 def exists(uri: str, storage_options: StorageOptions | None = None) -> bool:
     fs, path = url_to_fs(uri, storage_options)
     fs.invalidate_cache(path)
-    return fs.exists(path)
+    return _retrying("check", uri, fs.exists, path)
 
 
 def isdir(uri: str, storage_options: StorageOptions | None = None) -> bool:
     fs, path = url_to_fs(uri, storage_options)
-    return fs.isdir(path)
+    return _retrying("check", uri, fs.isdir, path)
 
 
 @dataclass(frozen=True)
@@ -133,18 +175,22 @@ def list_files_detail(
     `FileNotFoundError(uri)`.
     """
     fs, path = url_to_fs(uri, storage_options)
-    fs.invalidate_cache()  # other processes (Ray workers) may have written since
-    if fs.isfile(path):
-        found = {"": fs.info(path)}
-    elif fs.isdir(path):
-        root = path.rstrip("/")
-        found = {p[len(root):]: info for p, info in fs.find(root, detail=True).items()
-                 if info.get("type") != "directory"}
-    else:
-        raise FileNotFoundError(uri)
+    found = _retrying("list", uri, _find, fs, path, uri)
     # Rebuild each URI from the user's prefix so its style (protocol, slashes) is kept.
     out = [FileInfo(join(uri, rel), int(info.get("size") or 0), _version(info)) for rel, info in found.items()]
     return sorted((f for f in out if _matches(f.uri, suffixes)), key=lambda f: f.uri)
+
+
+def _find(fs, path: str, uri: str) -> dict[str, Mapping[str, Any]]:
+    """{path relative to `path`: info} of every file at or under `path`."""
+    fs.invalidate_cache()  # other processes (Ray workers) may have written since
+    if fs.isfile(path):
+        return {"": fs.info(path)}
+    if fs.isdir(path):
+        root = path.rstrip("/")
+        return {p[len(root):]: info for p, info in fs.find(root, detail=True).items()
+                if info.get("type") != "directory"}
+    raise FileNotFoundError(uri)
 
 
 def _version(info: Mapping[str, Any]) -> str:
@@ -169,7 +215,7 @@ def _matches(uri: str, suffixes: Iterable[str] | None) -> bool:
 
 def remove(uri: str, recursive: bool = False, storage_options: StorageOptions | None = None) -> None:
     fs, path = url_to_fs(uri, storage_options)
-    fs.rm(path, recursive=recursive)
+    _retrying("remove", uri, fs.rm, path, recursive=recursive)
 
 
 def pyarrow_filesystem(uri: str, storage_options: StorageOptions | None = None):

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gallery-size", type=_positive,
                    help=f"images in the gallery's sample; {SegmentJobConfig.gallery_size} when not given")
     p.add_argument("--fail-on-error", action="store_true", help="exit 1 if any image is an error row")
+    p.add_argument("--part-rows", type=_positive, default=SegmentJobConfig.rows_per_part,
+                   help="Parquet rows per predictions/ part (a part is also written every "
+                        f"{SegmentJobConfig.part_seconds:g} s); a killed run keeps every part it wrote")
     add_storage_option_arg(p)
     return p
 
@@ -122,7 +125,7 @@ def parse_config(argv: list[str] | None = None) -> SegmentJobConfig:
         crf=a.crf, crf_max_side=a.crf_max_side, batch_size=a.batch_size, images_per_batch=a.images_per_batch,
         gpu_actors=a.gpu_actors, gpus_per_actor=a.gpus_per_actor, cpus_per_actor=a.cpus_per_actor,
         crf_cpus=a.crf_cpus, limit=a.limit, incremental=a.incremental, overlays=a.overlays,
-        gallery=a.gallery, fail_on_error=a.fail_on_error, storage_options=opts,
+        gallery=a.gallery, fail_on_error=a.fail_on_error, rows_per_part=a.part_rows, storage_options=opts,
         **({"gallery_size": a.gallery_size} if a.gallery_size else {}))
 
 

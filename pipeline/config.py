@@ -38,6 +38,7 @@ class SegmentJobConfig:
     gallery_size: int = 48  # images on that page: a screenful or two, quick to load
     fail_on_error: bool = False  # exit 1 when any input is an error row
     rows_per_part: int = 5000  # Parquet rows per part file written by the driver
+    part_seconds: float = 60.0  # ...or a part at least this often: a killed run loses at most this much work
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     def record(self) -> dict[str, Any]:

@@ -8,6 +8,9 @@ setting of the job (batch sizes, GPUs, pool sizes, CRF parallelism) is here.
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -40,13 +43,17 @@ def plan(cfg: SegmentJobConfig, todo: list[dict[str, Any]], info: ModelInfo, run
         lo = hi = max(1, int(gpus // cfg.gpus_per_actor)) if gpus else 1
     actor_resources = {"num_gpus": cfg.gpus_per_actor} if gpus else {"num_cpus": cfg.cpus_per_actor}
     with_crf = cfg.crf != "none"
+    # The driver's storage retry budget, when set, holds in every stage's workers too
+    # (Ray merges these env_vars with the job's own runtime_env).
+    env = {k: os.environ[k] for k in (storage.RETRY_SECONDS_ENV,) if k in os.environ}
+    remote = {"runtime_env": {"env_vars": env}} if env else {}
 
     ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), len(todo) // cfg.images_per_batch)))
     proposals = ProposalConfig(method=cfg.proposals, max_proposals=cfg.max_proposals, edge_model=cfg.edge_model)
     # Reading and decoding wait on storage as much as they compute: half a CPU
     # each. The different request also keeps Ray from fusing them into the
     # segment actor, where they would stall the model.
-    ds = ds.map_batches(stages.load, batch_size=cfg.images_per_batch, num_cpus=0.5,
+    ds = ds.map_batches(stages.load, batch_size=cfg.images_per_batch, num_cpus=0.5, **remote,
                         fn_kwargs={"proposals": proposals, "storage_options": opts})
     ds = ds.map_batches(
         stages.Segment, batch_size=cfg.images_per_batch,
@@ -58,13 +65,13 @@ def plan(cfg: SegmentJobConfig, todo: list[dict[str, Any]], info: ModelInfo, run
             "cpu_threads": int(cfg.cpus_per_actor), "storage_options": opts},
         # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1: a
         # lost actor is replaced and its batch retried; writes are idempotent.
-        **actor_resources)
+        **actor_resources, **remote)
     if with_crf:
         crf = crf_config(cfg.crf, max_side=cfg.crf_max_side)
-        ds = ds.map_batches(stages.refine, batch_size=1, num_cpus=1,
+        ds = ds.map_batches(stages.refine, batch_size=1, num_cpus=1, **remote,
                             compute=ray.data.TaskPoolStrategy(size=cfg.crf_cpus) if cfg.crf_cpus else None,
                             fn_kwargs={"crf": crf})
-    ds = ds.map_batches(stages.write, batch_size=cfg.images_per_batch, num_cpus=1, fn_kwargs={
+    ds = ds.map_batches(stages.write, batch_size=cfg.images_per_batch, num_cpus=1, **remote, fn_kwargs={
         "output": cfg.output, "num_classes": info.config.num_classes, "palette": palette_array(info),
         "model_id": info.model_id, "run_id": run_id, "storage_options": opts})
     return ds
@@ -111,11 +118,12 @@ def run(cfg: SegmentJobConfig, log: Callable[[str], None] = print) -> dict[str, 
     }
     log(f"run {run_id}: {len(files)} images under {cfg.input}, {len(todo)} to label, "
         f"{len(files) - len(todo)} already labelled by model {info.model_id}")
-    writer = PredictionWriter(cfg.output, run_id, cfg.rows_per_part, opts)
+    writer = PredictionWriter(cfg.output, run_id, cfg.rows_per_part, opts, part_seconds=cfg.part_seconds)
     t0 = time.perf_counter()
     try:
+        write_run_record(cfg.output, run_id, record, opts)  # "running": a killed run stays visible as one
         if todo:
-            for batch in plan(cfg, todo, info, run_id).iter_batches(batch_size=64, batch_format="numpy"):
+            for batch in plan(cfg, todo, info, run_id).iter_batches(batch_size=None, batch_format="numpy"):
                 writer.add(_rows(batch, info.classes))
         else:
             log("nothing new to label: no segmentation work done")
@@ -125,18 +133,44 @@ def run(cfg: SegmentJobConfig, log: Callable[[str], None] = print) -> dict[str, 
             record["gallery_uri"] = write_gallery(cfg, info, record)
         record["status"] = "completed"
     except Exception as e:
-        writer.flush()  # what finished stays finished: the next incremental run skips it
-        record["status"], record["error"] = "failed", f"{type(e).__name__}: {e}"
-        raise JobFailed(f"run {run_id} failed after {writer.counts['ok'] + writer.counts['error']} images: "
-                        f"{type(e).__name__}: {e}") from e
+        record["status"], record["error"] = "failed", failure(e)
+        try:
+            writer.flush()  # what finished stays finished: the next incremental run skips it
+        except Exception as flush_error:  # storage down: those rows are redone next run
+            record["unsaved_rows"] = len(writer.rows)
+            log(f"could not write the last {len(writer.rows)} rows: {type(flush_error).__name__}: {flush_error}")
+        raise JobFailed(f"run {run_id} failed after {writer.counts['ok'] + writer.counts['error']} images "
+                        f"({len(writer.parts)} Parquet parts saved): {record['error']}") from e
     finally:
         elapsed = time.perf_counter() - t0
         record["counts"].update(writer.counts)
         record.update(ended=now_iso(), seconds=round(elapsed, 3), prediction_parts=writer.parts,
                       images_per_second=round((writer.counts["ok"] + writer.counts["error"]) / elapsed, 3)
                       if elapsed > 0 else None)
-        record["record_uri"] = write_run_record(cfg.output, run_id, record, opts)
+        try:
+            record["record_uri"] = write_run_record(cfg.output, run_id, record, opts)
+        except Exception as e:  # storage gone: say what finished here instead
+            log(f"could not write runs/{run_id}.json ({type(e).__name__}: {e}); the record: "
+                f"{json.dumps({k: record.get(k) for k in ('status', 'error', 'counts', 'prediction_parts')})}")
+            if record["status"] == "completed":
+                raise JobFailed(f"run {run_id} labelled everything but could not write its record: "
+                                f"{type(e).__name__}: {e}") from e
     return record
+
+
+def failure(e: BaseException) -> str:
+    """'Type: message' of what really went wrong. A stage's exception reaches
+    the driver only as text inside Ray Data's UserCodeException (the object
+    itself is not kept), so it is read back from that text."""
+    if isinstance(e, ray.exceptions.RayTaskError):
+        # The stage's chain, then "...direct cause of..." Ray's own wrapper: keep the former.
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).rsplit("The above exception was the direct cause", 1)[0]
+        raised = [line for line in text.splitlines() if re.match(r"[A-Za-z_][\w.]*: ", line)]
+        if raised:
+            return raised[-1]
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return f"{type(e).__name__}: {e}"
 
 
 def write_gallery(cfg: SegmentJobConfig, info: ModelInfo, run: dict[str, Any]) -> str:

@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import posixpath
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -129,11 +130,15 @@ def iter_rows(table: pa.Table) -> Iterator[dict[str, Any]]:
 
 
 class PredictionWriter:
-    """Buffers result rows on the driver and writes them as Parquet parts."""
+    """Buffers result rows on the driver and writes them as Parquet parts: one
+    every `rows_per_part` rows or `part_seconds` seconds, whichever comes first,
+    so a killed run loses little finished work (its masks are rewritten next time)."""
 
-    def __init__(self, output: str, run_id: str, rows_per_part: int, storage_options=None):
+    def __init__(self, output: str, run_id: str, rows_per_part: int, storage_options=None,
+                 part_seconds: float = 60.0):
         self.prefix = storage.join(output, "predictions")
         self.run_id, self.rows_per_part, self.storage_options = run_id, rows_per_part, storage_options
+        self.part_seconds, self.last_flush = part_seconds, time.monotonic()
         self.rows: list[dict[str, Any]] = []
         self.parts: list[str] = []
         self.counts = {"ok": 0, "error": 0}
@@ -142,7 +147,7 @@ class PredictionWriter:
         for r in rows:
             self.rows.append(r)
             self.counts[r["status"]] += 1
-        if len(self.rows) >= self.rows_per_part:
+        if len(self.rows) >= self.rows_per_part or time.monotonic() - self.last_flush >= self.part_seconds:
             self.flush()
 
     def flush(self) -> None:
@@ -154,7 +159,7 @@ class PredictionWriter:
         uri = storage.join(self.prefix, f"{self.run_id}-part-{len(self.parts):05d}.parquet")
         storage.write_bytes(uri, buf.getvalue(), self.storage_options)
         self.parts.append(uri)
-        self.rows = []
+        self.rows, self.last_flush = [], time.monotonic()
 
 
 def write_run_record(output: str, run_id: str, record: dict[str, Any], storage_options=None) -> str:
