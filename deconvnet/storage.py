@@ -114,6 +114,23 @@ def read_bytes(uri: str, storage_options: StorageOptions | None = None) -> bytes
         raise IsADirectoryError(uri) from e
 
 
+def read_range(uri: str, start: int, end: int, storage_options: StorageOptions | None = None) -> bytes:
+    """Bytes [start, end) of an object (fewer at its end): a ranged GET on object stores."""
+    fs, path = url_to_fs(uri, storage_options)
+    try:
+        return _retrying("read", uri, fs.cat_file, path, start=start, end=end)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(uri) from e
+
+
+def size(uri: str, storage_options: StorageOptions | None = None) -> int:
+    fs, path = url_to_fs(uri, storage_options)
+    try:
+        return int(_retrying("check", uri, fs.size, path))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(uri) from e
+
+
 def write_bytes(uri: str, data: bytes, storage_options: StorageOptions | None = None) -> None:
     """Write a whole object. Object stores replace it atomically; on a local disk
     the bytes go to a temporary file first, so readers never see half a file.

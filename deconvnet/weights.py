@@ -143,10 +143,7 @@ def load_model_dir(uri: str, device: str | torch.device = "cpu",
     try:
         raw = storage.read_bytes(w_uri, storage_options)
     except FileNotFoundError:
-        found = [u for u in storage.list_files(uri, storage_options=storage_options)
-                 if u.lower().endswith(_PICKLE_SUFFIXES)]
-        hint = f"; found {found[0]!r}, but pickled weights are never loaded" if found else ""
-        raise FileNotFoundError(f"{uri}: no {WEIGHTS_FILE}{hint}") from None
+        raise _no_weights(uri, storage_options) from None
     try:
         state = st_load(raw)
     except (SafetensorError, ValueError, RuntimeError) as e:
@@ -154,6 +151,47 @@ def load_model_dir(uri: str, device: str | torch.device = "cpu",
     model = build_model(info.config)
     load_exact(model, state, source=w_uri)
     return model.to(device).eval(), info
+
+
+def _no_weights(uri: str, storage_options: storage.StorageOptions | None) -> FileNotFoundError:
+    found = [u for u in storage.list_files(uri, storage_options=storage_options)
+             if u.lower().endswith(_PICKLE_SUFFIXES)]
+    hint = f"; found {found[0]!r}, but pickled weights are never loaded" if found else ""
+    return FileNotFoundError(f"{uri}: no {WEIGHTS_FILE}{hint}")
+
+
+def check_model_dir(uri: str, storage_options: storage.StorageOptions | None = None) -> ModelInfo:
+    """The model directory's info, once its weights are known to fit its config:
+    every tensor the config's model has, with the right shape, and a file as long
+    as its header says. Reads config.json and the safetensors header only (a few
+    KB, not the weights), so a job can check before it processes any image.
+    Raises FileNotFoundError or ValueError naming the problem."""
+    info = read_model_info(uri, storage_options)
+    w_uri = storage.join(uri, WEIGHTS_FILE)
+    try:
+        total = storage.size(w_uri, storage_options)
+        head = storage.read_range(w_uri, 0, 8, storage_options)
+    except FileNotFoundError:
+        raise _no_weights(uri, storage_options) from None
+    header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if not 0 < header_len <= min(total - 8, 100 * 2**20):
+        raise ValueError(f"{w_uri}: corrupt or truncated safetensors file ({total} bytes): bad header length")
+    try:
+        header = json.loads(storage.read_range(w_uri, 8, 8 + header_len, storage_options))
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
+        given = {k: torch.empty(v["shape"], device="meta") for k, v in tensors.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{w_uri}: corrupt or truncated safetensors file ({total} bytes): bad header: {e}") from e
+    if 8 + header_len + end != total:
+        raise ValueError(f"{w_uri}: corrupt or truncated safetensors file: {total} bytes, "
+                         f"its header describes {8 + header_len + end}")
+    with torch.device("meta"):  # shapes only: no memory for the weights
+        expected = build_model(info.config).state_dict()
+    problems = _diff_state(expected, given)
+    if problems:
+        raise ValueError(f"{w_uri} does not match {storage.join(uri, CONFIG_FILE)}: " + "; ".join(problems))
+    return info
 
 
 def load_exact(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:

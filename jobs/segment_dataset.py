@@ -30,7 +30,7 @@ from deconvnet.cli import add_storage_option_arg, storage_options_from  # noqa: 
 from deconvnet.crf import CRF_PRESETS  # noqa: E402
 from deconvnet.proposals import PROPOSAL_METHODS, ProposalConfig  # noqa: E402
 from deconvnet.segmenter import AGGREGATES, ENSEMBLES  # noqa: E402
-from deconvnet.weights import read_model_info  # noqa: E402
+from deconvnet.weights import check_model_dir  # noqa: E402
 from pipeline.config import IMAGE_SUFFIXES, SegmentJobConfig  # noqa: E402
 
 
@@ -106,7 +106,7 @@ def parse_config(argv: list[str] | None = None) -> SegmentJobConfig:
         if uri is None:
             continue
         try:
-            info = read_model_info(uri, opts)
+            info = check_model_dir(uri, opts)  # the weights fit the config, before any image
         except (FileNotFoundError, ValueError) as e:
             parser.error(f"{flag}: {e}")
         if info.config.arch != arch:

@@ -132,6 +132,29 @@ def test_bad_arguments_are_one_line_and_exit_2(tmp_path, tiny_model, args, messa
     assert not (tmp_path / "out").exists()  # nothing started
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("config", "does not match"), ("truncate", "corrupt or truncated safetensors"),
+])
+def test_a_broken_model_dir_fails_before_any_image(tmp_path, tiny_model, damage, message):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    if damage == "config":
+        c = json.loads((model / "config.json").read_text())
+        c["architecture"]["fc_dim"] = 32
+        (model / "config.json").write_text(json.dumps(c))
+    else:
+        w = model / "model.safetensors"
+        w.write_bytes(w.read_bytes()[:-100])
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(CORPUS["ok/scene.jpg"][0])
+    r = subprocess.run([sys.executable, "jobs/segment_dataset.py", "--input", str(tmp_path / "in"),
+                        "--output", str(tmp_path / "out"), "--model", str(model)], capture_output=True, text=True)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("uri, expect", [
     ("s3://b/in/a/b.jpg", "a/b.jpg"),
     ("s3://b/in/../../etc/passwd.jpg", "etc/passwd-"),

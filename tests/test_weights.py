@@ -11,7 +11,7 @@ from torch import nn
 from deconvnet import storage
 from deconvnet.model import PRESETS, DeconvNet, FCN8s, cfgs, preset
 from deconvnet.weights import (
-    ModelInfo, init_from_vgg16, load_model_dir, read_model_info, read_state_dict,
+    ModelInfo, check_model_dir, init_from_vgg16, load_model_dir, read_model_info, read_state_dict,
     save_model_dir, vgg16_to_deconvnet,
 )
 
@@ -137,32 +137,47 @@ def test_model_id_follows_content(tmp_path):
     assert id1 == id2 != id3
 
 
-def test_loader_refuses_pickles(tmp_path):
+# The loader and the cheap check a job runs before any image agree on every bad directory.
+LOADERS = pytest.mark.parametrize("load", [load_model_dir, check_model_dir], ids=["load", "check"])
+
+
+@LOADERS
+def test_loader_refuses_pickles(tmp_path, load):
     cfg = PRESETS["tiny"]
     save_model_dir(DeconvNet(cfg), str(tmp_path), ModelInfo(config=cfg))
     (tmp_path / "model.safetensors").unlink()
     torch.save(DeconvNet(cfg).state_dict(), tmp_path / "model.pt")
     with pytest.raises(FileNotFoundError, match="pickled weights are never loaded"):
-        load_model_dir(str(tmp_path))
+        load(str(tmp_path))
 
 
-def test_truncated_safetensors_is_a_clear_error(tmp_path):
+@LOADERS
+@pytest.mark.parametrize("keep", [0.5, 0.99, 8, 0])
+def test_truncated_safetensors_is_a_clear_error(tmp_path, load, keep):
     cfg = PRESETS["tiny"]
     save_model_dir(DeconvNet(cfg), str(tmp_path), ModelInfo(config=cfg))
     w = tmp_path / "model.safetensors"
-    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    raw = w.read_bytes()
+    w.write_bytes(raw[: int(len(raw) * keep) if isinstance(keep, float) else keep])
     with pytest.raises(ValueError, match="corrupt or truncated safetensors"):
-        load_model_dir(str(tmp_path))
+        load(str(tmp_path))
 
 
-def test_config_that_does_not_match_weights_fails(tmp_path):
+@LOADERS
+def test_config_that_does_not_match_weights_fails(tmp_path, load):
     cfg = PRESETS["tiny"]
     save_model_dir(DeconvNet(cfg), str(tmp_path), ModelInfo(config=cfg))
     c = json.loads((tmp_path / "config.json").read_text())
     c["architecture"]["fc_dim"] = 32
     (tmp_path / "config.json").write_text(json.dumps(c))
     with pytest.raises(ValueError, match=r"fc6\.conv\.weight"):
-        load_model_dir(str(tmp_path))
+        load(str(tmp_path))
+
+
+def test_check_passes_a_good_dir_on_s3_reading_only_the_header(s3_bucket):
+    cfg = PRESETS["tiny"]
+    info = save_model_dir(DeconvNet(cfg), f"{s3_bucket}/m", ModelInfo(config=cfg))
+    assert check_model_dir(f"{s3_bucket}/m").model_id == info.model_id
 
 
 def test_missing_model_dir_says_how_to_make_one(tmp_path):
