@@ -193,8 +193,10 @@ def list_files_detail(
     """
     fs, path = url_to_fs(uri, storage_options)
     found = _retrying("list", uri, _find, fs, path, uri)
-    # Rebuild each URI from the user's prefix so its style (protocol, slashes) is kept.
-    out = [FileInfo(join(uri, rel), int(info.get("size") or 0), _version(info)) for rel, info in found.items()]
+    # Rebuild each URI from the user's prefix so its style (protocol, slashes) is kept, and
+    # the key exactly as stored: "a//b" is a different object from "a/b".
+    out = [FileInfo(uri.rstrip("/") + rel if rel else uri, int(info.get("size") or 0), _version(info))
+           for rel, info in found.items()]
     return sorted((f for f in out if _matches(f.uri, suffixes)), key=lambda f: f.uri)
 
 

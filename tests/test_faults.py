@@ -283,3 +283,39 @@ def test_credentials_never_reach_logs_records_parquet_or_errors(ray_session, s3_
         assert env_secret not in text and option_secret not in text
     record = json.loads(storage.read_bytes(storage.list_files(storage.join(output, "runs"))[0]))
     assert record["config"]["storage_options"]["secret"] == "***"
+
+
+# --- hostile keys and content ------------------------------------------------------------
+
+
+def test_hostile_keys_stay_under_the_output_and_hostile_files_are_bounded(ray_session, s3_bucket, tiny_model):
+    import boto3
+
+    bucket = s3_bucket.removeprefix("s3://")
+    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    good = _save(Image.fromarray(scene()), "JPEG", quality=90)
+    wide = _save(Image.fromarray(np.zeros((2, 50_000, 3), np.uint8)), "PNG")  # 50,000 pixels wide
+    keys = {
+        "data/in/../../escape.jpg": good, "data/in/a/../../../etc/passwd.jpg": good,
+        "data/in//abs/root.jpg": good, "data/in/./dot.jpg": good, "data/in/sp ace/ü 名前.jpg": good,
+        "data/in/wide.png": wide,
+    }
+    for key, body in keys.items():  # raw keys, as any client may write them
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    noise = np.random.default_rng(0).bytes(200 * 2**20)  # claims to be a JPEG, is 200 MB of noise
+    s3.put_object(Bucket=bucket, Key="data/in/noise.jpg", Body=noise)
+    del noise
+    before = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]}
+
+    output = f"{s3_bucket}/data/out"
+    assert segment_dataset.main(["--input", f"{s3_bucket}/data/in", "--output", output, "--model", tiny_model,
+                                 "--crf", "none", "--overlays", "--gallery", *FAST]) == 0
+    after = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]}
+    written = after - before
+    assert written and all(k.startswith("data/out/") for k in written), sorted(written)
+    assert not any(".." in k.split("/") or "//" in k for k in written), sorted(written)
+    rows = {r["image_uri"].rsplit("/", 1)[-1]: r for r in predictions(output)}
+    assert len(rows) == len(keys) + 1
+    assert rows["wide.png"]["status"] == "error" and "50000" in rows["wide.png"]["error"].replace(",", "")
+    assert rows["noise.jpg"]["status"] == "error" and rows["noise.jpg"]["permanent"]
+    assert sum(r["status"] == "ok" for r in rows.values()) == 5, {k: r["error"] for k, r in rows.items()}

@@ -176,3 +176,17 @@ def test_bad_arguments_exit_2_with_one_line(train_job, data, bucket, capsys, cha
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]  # after argparse's usage lines
     assert last.startswith("train.py: error: ") and message in last
+
+
+def test_a_checkpoint_half_written_when_the_job_died_is_not_the_latest(second_run, train_job, data, bucket):
+    """Ray Train records a checkpoint in checkpoint_manager_snapshot.json only
+    once it is fully written; what a job killed mid-upload leaves behind is a
+    directory nobody resumes from."""
+    run = f"{bucket}/runs/r1"
+    model = storage.read_bytes(f"{run}/checkpoint_00000010/model.safetensors")
+    storage.write_bytes(f"{run}/checkpoint_00000099/config.json",
+                        storage.read_bytes(f"{run}/checkpoint_00000010/config.json"))
+    storage.write_bytes(f"{run}/checkpoint_00000099/model.safetensors", model[: len(model) // 3])
+    assert train_job.main(_argv(data, bucket, 7)) == 0
+    final = _final(bucket)
+    assert final["step"] == 11 and final["resumed_from"][-1] == 10
