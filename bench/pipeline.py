@@ -15,10 +15,10 @@ bench/results/pipeline.json.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import platform
-import resource
 import sys
 import threading
 import time
@@ -40,23 +40,40 @@ from deconvnet.voc import encode_label_png  # noqa: E402
 from deconvnet.weights import ModelInfo, save_model_dir  # noqa: E402
 
 
+def _rss(pid: str) -> int:
+    """Resident bytes of a process, from /proc (Linux); 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 class RSSSampler(threading.Thread):
-    """Peak resident memory of Ray's worker processes (sum and largest), sampled."""
+    """Peak resident memory, sampled while a job runs: this driver process, and
+    Ray's worker processes (sum and largest; titled `ray::...`)."""
 
     def __init__(self, every: float = 0.25):
         super().__init__(daemon=True)
-        self.every, self.peak_sum, self.peak_one, self._halt = every, 0, 0, threading.Event()
+        self.every, self._halt = every, threading.Event()
+        self.peak_driver = self.peak_sum = self.peak_one = 0
 
     def run(self):
-        import psutil
+        me = str(os.getpid())
         while not self._halt.is_set():
             total = biggest = 0
-            for p in psutil.process_iter(["cmdline", "memory_info"]):
-                cmd = " ".join(p.info["cmdline"] or [])
-                if "ray::" in cmd or "default_worker.py" in cmd:
-                    rss = p.info["memory_info"].rss
+            for path in glob.glob("/proc/[0-9]*/cmdline"):
+                pid = path.split("/")[2]
+                try:
+                    with open(path, "rb") as f:
+                        cmd = f.read(200).decode(errors="replace")
+                except OSError:
+                    continue
+                if pid != me and (cmd.startswith("ray::") or "default_worker.py" in cmd):
+                    rss = _rss(pid)
                     total, biggest = total + rss, max(biggest, rss)
             self.peak_sum, self.peak_one = max(self.peak_sum, total), max(self.peak_one, biggest)
+            self.peak_driver = max(self.peak_driver, _rss(me))
             self._halt.wait(self.every)
 
     def stop(self):
@@ -153,7 +170,7 @@ def main(argv=None):
                 "job_images_per_s": round(n / job_s, 3), "ok": record["counts"]["ok"],
                 "sequential_images_per_s": round(n / seq_s, 3) if seq_s else None,
                 "model_only_images_per_s": round(n / mo_s, 3) if mo_s else None,
-                "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                "driver_peak_rss_mib": round(sampler.peak_driver / 2**20),  # during the job only
                 "workers_peak_rss_mib": round(sampler.peak_sum / 2**20),
                 "largest_worker_peak_rss_mib": round(sampler.peak_one / 2**20),
             }

@@ -104,20 +104,36 @@ class MergedMap:
     def paste(self, probs: torch.Tensor, box: Sequence[int]) -> None:
         """Resize one proposal's (C, s, s) map to its box and merge the part of
         the box that lies inside the image."""
-        x1, y1, x2, y2 = (int(v) for v in box)
-        _, h, w = self.scores.shape
-        ix1, iy1, ix2, iy2 = max(x1, 0), max(y1, 0), min(x2, w), min(y2, h)
-        if ix1 >= ix2 or iy1 >= iy2:
-            return  # box entirely outside the image
-        up = F.interpolate(probs[None].float(), size=(y2 - y1, x2 - x1), mode="bilinear",
-                           align_corners=False)[0]  # (C, y2-y1, x2-x1)
-        part = up[:, iy1 - y1: iy2 - y1, ix1 - x1: ix2 - x1]
-        region = self.scores[:, iy1:iy2, ix1:ix2]
-        if self.count is None:
-            torch.maximum(region, part, out=region)
-        else:
-            region += part
-            self.count[:, iy1:iy2, ix1:ix2] += 1
+        self.paste_many(probs[None], np.asarray([box], dtype=np.int64))
+
+    def paste_many(self, probs: torch.Tensor, boxes: np.ndarray) -> None:
+        """`paste` for (K, C, s, s) maps and their (K, 4) integer boxes, with no
+        loop over proposals: boxes of one size (a grid proposal generator gives a
+        handful of sizes) are resized in one `interpolate` and merged in one
+        scatter. Pixels outside the image are sent to pixel 0 with weight 0,
+        which neither max (the scores start at 0) nor mean notices, so nothing
+        waits on a boolean mask's size."""
+        c, h, w = self.scores.shape
+        flat = self.scores.view(c, h * w)
+        dev = self.scores.device
+        sizes = boxes[:, 2:4] - boxes[:, 0:2]  # (K, 2): box width, height
+        for bw, bh in np.unique(sizes, axis=0):
+            same = np.flatnonzero((sizes[:, 0] == bw) & (sizes[:, 1] == bh))
+            b = torch.as_tensor(boxes[same], device=dev)
+            up = F.interpolate(probs[torch.as_tensor(same, device=probs.device)].float(), size=(int(bh), int(bw)),
+                               mode="bilinear", align_corners=False)  # (G, C, bh, bw)
+            ys = b[:, 1, None] + torch.arange(int(bh), device=dev)  # (G, bh)
+            xs = b[:, 0, None] + torch.arange(int(bw), device=dev)  # (G, bw)
+            inside = (((ys >= 0) & (ys < h))[:, :, None] & ((xs >= 0) & (xs < w))[:, None, :])  # (G, bh, bw)
+            index = (ys.clamp(0, h - 1)[:, :, None] * w + xs.clamp(0, w - 1)[:, None, :]) * inside
+            weight = inside[:, None].to(up.dtype)  # (G, 1, bh, bw)
+            src = (up * weight).transpose(0, 1).reshape(c, -1)  # (C, G*bh*bw)
+            index = index.reshape(1, -1)
+            if self.count is None:
+                flat.scatter_reduce_(1, index.expand(c, -1), src, reduce="amax")
+            else:
+                flat.scatter_add_(1, index.expand(c, -1), src)
+                self.count.view(1, h * w).scatter_add_(1, index, weight.reshape(1, -1))
 
     def result(self) -> torch.Tensor:
         """(C, H, W) probabilities: the merged scores renormalised over classes."""
@@ -198,8 +214,9 @@ class Segmenter:
             who, bx = owner[idx], flat[idx]  # `who` is sorted: images are contiguous
             crops = torch.cat([crop_boxes(normed[i], bx[who == i], s) for i in np.unique(who)])  # (B, 3, s, s)
             probs = self._forward(self.model, crops)  # (B, C, s, s), rows in the order of bx
-            for p, i, box in zip(probs, who, bx):
-                merged[i].paste(p, box)
+            for i in np.unique(who):
+                mine = np.flatnonzero(who == i)
+                merged[i].paste_many(probs[mine[0]: mine[-1] + 1], bx[mine])  # contiguous rows
         out = [m.result() for m in merged]
         if self.fcn is not None:
             out = [self._ensemble(p, r) for p, r in zip(out, raw)]

@@ -44,6 +44,44 @@ def test_mean_merge_averages_over_covering_proposals_only():
     assert torch.allclose(p[1, 3, 3], torch.tensor(0.6))  # (0.8 + 0.4) / 2
 
 
+def paste_one_by_one(scores: torch.Tensor, count, probs: torch.Tensor, boxes: np.ndarray) -> None:
+    """The definition: resize each map to its box, merge the part inside the image."""
+    _, h, w = scores.shape
+    for p, (x1, y1, x2, y2) in zip(probs, boxes.tolist()):
+        ix1, iy1, ix2, iy2 = max(x1, 0), max(y1, 0), min(x2, w), min(y2, h)
+        if ix1 >= ix2 or iy1 >= iy2:
+            continue
+        up = torch.nn.functional.interpolate(p[None], size=(y2 - y1, x2 - x1), mode="bilinear",
+                                             align_corners=False)[0]
+        part = up[:, iy1 - y1: iy2 - y1, ix1 - x1: ix2 - x1]
+        if count is None:
+            torch.maximum(scores[:, iy1:iy2, ix1:ix2], part, out=scores[:, iy1:iy2, ix1:ix2])
+        else:
+            scores[:, iy1:iy2, ix1:ix2] += part
+            count[:, iy1:iy2, ix1:ix2] += 1
+
+
+@pytest.mark.parametrize("aggregate", ["max", "mean"])
+def test_batched_paste_equals_pasting_one_proposal_at_a_time(aggregate):
+    rng = np.random.default_rng(0)
+    h, w, k = 37, 53, 40
+    xy = rng.integers(-15, 50, (k, 2))
+    wh = rng.choice([[8, 8], [16, 12], [30, 30], [5, 23]], k) + rng.integers(0, 2, (k, 2))  # repeated sizes
+    boxes = np.concatenate([xy, xy + wh], 1)
+    boxes[0] = (-30, -30, -10, -10)  # entirely outside
+    probs = torch.rand(k, 4, 14, 14, generator=torch.Generator().manual_seed(0))
+    batched = MergedMap(4, h, w, aggregate, "cpu")
+    batched.paste_many(probs, boxes)
+    ref = MergedMap(4, h, w, aggregate, "cpu")
+    paste_one_by_one(ref.scores, ref.count, probs, boxes)
+    if aggregate == "max":
+        assert torch.equal(batched.scores, ref.scores)
+    else:
+        assert torch.equal(batched.count, ref.count)
+        assert torch.allclose(batched.scores, ref.scores, atol=1e-5)
+    assert torch.allclose(batched.result(), ref.result(), atol=1e-6)
+
+
 def ramp(c: int, s: int) -> torch.Tensor:
     """(c, s, s) map whose value at (y, x) is 100*y + x, so positions are readable."""
     y, x = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
