@@ -112,6 +112,17 @@ def model_only(seg: Segmenter, proposals: int, batch_size: int) -> float:
     return time.perf_counter() - t0
 
 
+def job_out(args, crf: str) -> str:
+    return os.path.join(args.work, f"out-seq-{crf}-{time.time_ns()}")
+
+
+def record_proposals(output: str) -> list[int]:
+    """num_proposals of every row the job wrote."""
+    from pipeline.outputs import iter_rows, read_predictions
+
+    return [r["num_proposals"] for r in iter_rows(read_predictions(output, ["num_proposals"]))]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=16, help="N")
@@ -143,39 +154,41 @@ def main(argv=None):
 
     results = []
     sizes = [args.images] + ([args.images * args.scale] if args.scale else [])
-    for n in sizes:
-        inp = dataset(args.work, n, (h, w))
-        files = storage.list_files(inp)
-        n_props = sum(len(propose(decode_image(storage.read_bytes(f)), proposals)) for f in files[: min(8, n)])
-        n_props = n_props * n / min(8, n)
-        for crf in args.crf:
+    # Every job first, then the in-process loops: the driver's memory during a job
+    # must not carry what the sequential loop allocated in this same process.
+    for crf in args.crf:
+        for n in sizes:
             out = os.path.join(args.work, f"out-{n}-{crf}-{time.time_ns()}")
             sampler = RSSSampler()
             sampler.start()
-            cfg = SegmentJobConfig(input=inp, output=out, model=model_dir, crf=crf, max_proposals=args.max_proposals,
-                                   batch_size=args.batch_size, incremental=False)
+            cfg = SegmentJobConfig(input=dataset(args.work, n, (h, w)), output=out, model=model_dir, crf=crf,
+                                   max_proposals=args.max_proposals, batch_size=args.batch_size, incremental=False)
             t0 = time.perf_counter()
             record = run(cfg, log=lambda s: None)
             job_s = time.perf_counter() - t0
             sampler.stop()
-            seq_s = None
-            if not args.skip_sequential and n == args.images:
-                seq_s = sequential(files, seg, proposals, crf, out + "-seq")
-            mo_s = model_only(seg, int(n_props), args.batch_size) if n == args.images else None
-            rec = {
+            results.append({
                 "images": n, "size": args.size, "preset": args.preset, "crf": crf, "max_proposals": args.max_proposals,
-                "proposals_per_image": round(n_props / n, 1), "device": str(seg.device),
+                "proposals_per_image": round(sum(record_proposals(out)) / n, 1), "device": str(seg.device),
                 "machine": f"{platform.machine()} x{os.cpu_count()} cpu" if seg.device.type == "cpu"
                 else torch.cuda.get_device_name(),
                 "job_images_per_s": round(n / job_s, 3), "ok": record["counts"]["ok"],
-                "sequential_images_per_s": round(n / seq_s, 3) if seq_s else None,
-                "model_only_images_per_s": round(n / mo_s, 3) if mo_s else None,
+                "sequential_images_per_s": None, "model_only_images_per_s": None,
                 "driver_peak_rss_mib": round(sampler.peak_driver / 2**20),  # during the job only
                 "workers_peak_rss_mib": round(sampler.peak_sum / 2**20),
                 "largest_worker_peak_rss_mib": round(sampler.peak_one / 2**20),
-            }
-            results.append(rec)
-            print(json.dumps(rec))
+            })
+            print(json.dumps(results[-1]))
+    # The same work at N in this process: a plain sequential loop, and the model alone.
+    files = storage.list_files(dataset(args.work, args.images, (h, w)))
+    for crf in args.crf:
+        job = next(r for r in results if r["crf"] == crf and r["images"] == args.images)
+        n = args.images
+        if not args.skip_sequential:
+            job["sequential_images_per_s"] = round(n / sequential(files, seg, proposals, crf, job_out(args, crf)), 3)
+        job["model_only_images_per_s"] = round(n / model_only(seg, int(job["proposals_per_image"] * n),
+                                                              args.batch_size), 3)
+        print(json.dumps(job))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "a") as f:
         for r in results:

@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-per-batch", type=_positive, default=8, help="images per segment-actor call")
     p.add_argument("--gpu-actors", type=_actors, help="segment actors, N or MIN-MAX (default: one per GPU)")
     p.add_argument("--gpus-per-actor", type=float, default=1.0, help="GPUs each segment actor holds")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (torch threads) per actor without GPU")
+    p.add_argument("--cpus-per-actor", type=float,
+                   help="CPUs reserved (= torch threads) per actor without GPU (default: reserve 1, "
+                        "use the node's cores shared among the pool)")
     p.add_argument("--crf-cpus", type=_positive, help="CRF tasks at once (default: every free CPU)")
     p.add_argument("--limit", type=_positive, help="only the first N images (sorted by URI)")
     p.add_argument("--incremental", action=argparse.BooleanOptionalAction, default=True,

@@ -29,7 +29,9 @@ class SegmentJobConfig:
     images_per_batch: int = 8  # images handed to a segment actor per call
     gpu_actors: tuple[int, int] | None = None  # (min, max); None = one per GPU, 1 on CPU
     gpus_per_actor: float = 1.0
-    cpus_per_actor: float = 1.0  # CPU actors (no GPU): torch threads per actor
+    # CPU actors (no GPU): CPUs reserved = torch threads. None: reserve 1 and let torch use
+    # the node's cores, shared by the pool's actors (the model is a CPU-only job's bottleneck).
+    cpus_per_actor: float | None = None
     crf_cpus: int | None = None  # CRF tasks at once; None = as many as free CPUs
     limit: int | None = None  # only the first N inputs (sorted), for trials
     incremental: bool = True  # skip inputs already labelled by this model

@@ -41,7 +41,7 @@ def plan(cfg: SegmentJobConfig, todo: list[dict[str, Any]], info: ModelInfo, run
         lo, hi = cfg.gpu_actors
     else:  # one actor per GPU; on a CPU-only cluster, one CPU actor
         lo = hi = max(1, int(gpus // cfg.gpus_per_actor)) if gpus else 1
-    actor_resources = {"num_gpus": cfg.gpus_per_actor} if gpus else {"num_cpus": cfg.cpus_per_actor}
+    actor_resources = {"num_gpus": cfg.gpus_per_actor} if gpus else {"num_cpus": cfg.cpus_per_actor or 1}
     with_crf = cfg.crf != "none"
     # The driver's storage retry budget, when set, holds in every stage's workers too
     # (Ray merges these env_vars with the job's own runtime_env).
@@ -62,7 +62,8 @@ def plan(cfg: SegmentJobConfig, todo: list[dict[str, Any]], info: ModelInfo, run
             "model": cfg.model, "fcn_model": cfg.fcn_model,
             "config": SegmenterConfig(batch_size=cfg.batch_size, aggregate=cfg.aggregate, ensemble=cfg.ensemble),
             "with_crf": with_crf,
-            "cpu_threads": int(cfg.cpus_per_actor), "storage_options": opts},
+            "cpu_threads": int(cfg.cpus_per_actor) if cfg.cpus_per_actor else None, "pool_size": hi,
+            "storage_options": opts},
         # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1: a
         # lost actor is replaced and its batch retried; writes are idempotent.
         **actor_resources, **remote)

@@ -15,6 +15,7 @@ row's "overlay" flag (set by the driver) asks for an overlay.
 
 from __future__ import annotations
 
+import os
 import time
 import numpy as np
 import torch
@@ -87,9 +88,9 @@ class Segment:
     label map itself when there is no CRF)."""
 
     def __init__(self, model: str, fcn_model: str | None, config: SegmenterConfig,
-                 with_crf: bool, cpu_threads: int, storage_options: dict):
-        if not torch.cuda.is_available():
-            torch.set_num_threads(max(1, cpu_threads))
+                 with_crf: bool, cpu_threads: int | None, pool_size: int, storage_options: dict):
+        if not torch.cuda.is_available():  # None: this actor's share of the node's cores
+            torch.set_num_threads(cpu_threads or max(1, (os.cpu_count() or 1) // pool_size))
         self.segmenter = Segmenter.from_model_dir(model, config, fcn_uri=fcn_model,
                                                   storage_options=storage_options)
         self.with_crf = with_crf
