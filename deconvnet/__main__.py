@@ -20,6 +20,8 @@ from .cli import add_storage_option_arg, storage_options_from
 
 
 def cmd_init(args, parser) -> int:
+    import torch
+
     from .model import build_model, preset
     from .weights import ModelInfo, init_from_vgg16, now_iso, read_state_dict, save_model_dir
     from .voc import VOC_CLASSES
@@ -35,9 +37,10 @@ def cmd_init(args, parser) -> int:
         if len(classes) < 2:
             parser.error(f"--classes: need at least 2 names (background first), got {len(classes)}")
     config = preset(args.preset, num_classes=len(classes))
+    torch.manual_seed(args.seed)
     model = build_model(config)
     provenance = {"created": now_iso(), "created_by": "python -m deconvnet init",
-                  "preset": args.preset, "encoder_init": "random (He normal)"}
+                  "preset": args.preset, "seed": args.seed, "encoder_init": "random (He normal)"}
     if args.vgg16:
         try:
             loaded = init_from_vgg16(model, read_state_dict(args.vgg16, opts))
@@ -102,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="model directory URI to write")
     p.add_argument("--vgg16", help="torchvision vgg16/vgg16_bn ImageNet state dict (.pth or .safetensors), path or URI")
     p.add_argument("--classes", help="text file of class names, one per line, background first (default: PASCAL VOC's 21)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (the same seed, the same model)")
     add_storage_option_arg(p)
     p.set_defaults(func=cmd_init)
 

@@ -185,6 +185,16 @@ def test_missing_model_dir_says_how_to_make_one(tmp_path):
         read_model_info(str(tmp_path / "nope"))
 
 
+def test_init_cli_same_seed_same_model(tmp_path):
+    ids = []
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        r = subprocess.run([sys.executable, "-m", "deconvnet", "init", "--out", str(tmp_path / name), "--seed", seed],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        ids.append(read_model_info(str(tmp_path / name)).model_id)
+    assert ids[0] == ids[1] != ids[2]
+
+
 def test_init_cli_writes_a_loadable_dir(tmp_path):
     sd = torchvision_vgg16_state(0.125, 64, True)
     torch.save(sd, tmp_path / "vgg16_bn.pth")
