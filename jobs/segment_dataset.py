@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=32, help="proposals per forward pass")
     p.add_argument("--images-per-batch", type=_positive, default=8, help="images per segment-actor call")
     p.add_argument("--gpu-actors", type=_actors, help="segment actors, N or MIN-MAX (default: one per GPU)")
+    p.add_argument("--device", choices=["auto", "gpu", "cpu"], default="auto",
+                   help="where segment actors run; auto: GPUs if the cluster has any now (an autoscaling "
+                        "cluster at zero GPU nodes needs 'gpu', which asks the autoscaler for them)")
     p.add_argument("--gpus-per-actor", type=float, default=1.0, help="GPUs each segment actor holds")
     p.add_argument("--cpus-per-actor", type=float,
                    help="CPUs reserved (= torch threads) per actor without GPU (default: reserve 1, "
@@ -125,7 +128,7 @@ def parse_config(argv: list[str] | None = None) -> SegmentJobConfig:
         input=a.input, output=a.output, model=a.model, fcn_model=a.fcn_model, ensemble=a.ensemble,
         proposals=a.proposals, edge_model=a.edge_model, max_proposals=a.max_proposals, aggregate=a.aggregate,
         crf=a.crf, crf_max_side=a.crf_max_side, batch_size=a.batch_size, images_per_batch=a.images_per_batch,
-        gpu_actors=a.gpu_actors, gpus_per_actor=a.gpus_per_actor, cpus_per_actor=a.cpus_per_actor,
+        gpu_actors=a.gpu_actors, device=a.device, gpus_per_actor=a.gpus_per_actor, cpus_per_actor=a.cpus_per_actor,
         crf_cpus=a.crf_cpus, limit=a.limit, incremental=a.incremental, overlays=a.overlays,
         gallery=a.gallery, fail_on_error=a.fail_on_error, rows_per_part=a.part_rows, storage_options=opts,
         **({"gallery_size": a.gallery_size} if a.gallery_size else {}))

@@ -28,6 +28,9 @@ class SegmentJobConfig:
     batch_size: int = 32  # proposals per forward pass; bounds GPU memory
     images_per_batch: int = 8  # images handed to a segment actor per call
     gpu_actors: tuple[int, int] | None = None  # (min, max); None = one per GPU, 1 on CPU
+    # Segment actors on "gpu" or "cpu"; "auto": GPUs when the cluster has some now. An
+    # autoscaling cluster at zero GPU nodes needs "gpu", which asks for them.
+    device: str = "auto"
     gpus_per_actor: float = 1.0
     # CPU actors (no GPU): CPUs reserved = torch threads. None: reserve 1 and let torch use
     # the node's cores, shared by the pool's actors (the model is a CPU-only job's bottleneck).

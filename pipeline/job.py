@@ -37,11 +37,12 @@ class JobFailed(RuntimeError):
 def plan(cfg: SegmentJobConfig, todo: list[dict[str, Any]], info: ModelInfo, run_id: str) -> ray.data.Dataset:
     opts = cfg.storage_options
     gpus = int(ray.cluster_resources().get("GPU", 0))
+    on_gpu = cfg.device == "gpu" or (cfg.device == "auto" and gpus > 0)
     if cfg.gpu_actors:
         lo, hi = cfg.gpu_actors
-    else:  # one actor per GPU; on a CPU-only cluster, one CPU actor
-        lo = hi = max(1, int(gpus // cfg.gpus_per_actor)) if gpus else 1
-    actor_resources = {"num_gpus": cfg.gpus_per_actor} if gpus else {"num_cpus": cfg.cpus_per_actor or 1}
+    else:  # one actor per GPU up now (at least one); one CPU actor without GPUs
+        lo = hi = max(1, int(gpus // cfg.gpus_per_actor)) if on_gpu else 1
+    actor_resources = {"num_gpus": cfg.gpus_per_actor} if on_gpu else {"num_cpus": cfg.cpus_per_actor or 1}
     with_crf = cfg.crf != "none"
     # The driver's storage retry budget, when set, holds in every stage's workers too
     # (Ray merges these env_vars with the job's own runtime_env).
