@@ -12,6 +12,7 @@ import re
 import sys
 import threading
 from html import escape
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -119,14 +120,19 @@ def _png(img: np.ndarray) -> bytes:
 
 
 def test_the_page_of_a_run_loads_in_chromium_with_no_errors(ray_session, tmp_path, tiny_model):
-    names = {"photo/grace hopper.jpg": PHOTO.read_bytes(),
-             'odd/<img src=x onerror=alert(1)> "ü" #%.png': _png(scene(seed=1)),
+    hostile = 'odd/<img src=x onerror=alert(1)> "ü" #%.png'
+    names = {"photo/grace hopper.jpg": PHOTO.read_bytes(), hostile: _png(scene(seed=1)),
              "bad/empty.jpg": b"", "bad/text.jpg": b"not an image\n" * 10,
              **{f"scenes/{i}.png": _png(scene(seed=10 + i)) for i in range(5)}}
+    # The sample hashes full URIs, and tmp_path differs per run: pick an input folder
+    # whose sample of 5 holds the hostile name, so the page must show it.
+    inp = next(d for d in (str(tmp_path / f"in{k}") for k in range(1000))
+               if storage.join(d, hostile) in gallery.sample([storage.join(d, n) for n in names], 5))
     for name, data in names.items():
-        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "in" / name).write_bytes(data)
-    inp, out = str(tmp_path / "in"), str(tmp_path / "out")
+        path = Path(inp) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    out = str(tmp_path / "out")
     args = ["--input", inp, "--output", out, "--model", tiny_model, "--gallery", "--gallery-size", "5", *FAST]
     assert segment_dataset.main(args) == 0
     first = (tmp_path / "out" / "index.html").read_text()
