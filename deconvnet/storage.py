@@ -50,11 +50,16 @@ def retry_seconds() -> float:
 
 
 def _retrying(what: str, uri: str, call, *args, **kwargs):
-    """`call(*args, **kwargs)`, retried on transient errors for `retry_seconds()`."""
+    """`call(*args, **kwargs)`, retried on transient errors for `retry_seconds()`.
+    A missing object is `FileNotFoundError(uri)` (a directory, `IsADirectoryError(uri)`)."""
     budget, start, attempt = retry_seconds(), time.monotonic(), 0
     while True:
         try:
             return call(*args, **kwargs)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(uri) from e
+        except IsADirectoryError as e:
+            raise IsADirectoryError(uri) from e
         except _PERMANENT:
             raise
         except Exception as e:  # noqa: BLE001 - s3fs/botocore/aiohttp errors share no base class
@@ -66,6 +71,7 @@ def _retrying(what: str, uri: str, call, *args, **kwargs):
                     f"{what} {uri}: storage still failing after {attempt} attempts over {elapsed:.0f} s "
                     f"(retry budget {budget:g} s, {RETRY_SECONDS_ENV}): {type(e).__name__}: {e}") from e
             time.sleep(wait)
+
 
 # Keys whose values must never reach a log, a record or an exception message.
 _SECRET_KEYS = ("secret", "token", "password", "key", "credential", "session")
@@ -106,29 +112,18 @@ def join(base: str, *parts: str) -> str:
 
 def read_bytes(uri: str, storage_options: StorageOptions | None = None) -> bytes:
     fs, path = url_to_fs(uri, storage_options)
-    try:
-        return _retrying("read", uri, fs.cat_file, path)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(uri) from e
-    except IsADirectoryError as e:
-        raise IsADirectoryError(uri) from e
+    return _retrying("read", uri, fs.cat_file, path)
 
 
 def read_range(uri: str, start: int, end: int, storage_options: StorageOptions | None = None) -> bytes:
     """Bytes [start, end) of an object (fewer at its end): a ranged GET on object stores."""
     fs, path = url_to_fs(uri, storage_options)
-    try:
-        return _retrying("read", uri, fs.cat_file, path, start=start, end=end)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(uri) from e
+    return _retrying("read", uri, fs.cat_file, path, start=start, end=end)
 
 
 def size(uri: str, storage_options: StorageOptions | None = None) -> int:
     fs, path = url_to_fs(uri, storage_options)
-    try:
-        return int(_retrying("check", uri, fs.size, path))
-    except FileNotFoundError as e:
-        raise FileNotFoundError(uri) from e
+    return int(_retrying("check", uri, fs.size, path))
 
 
 def write_bytes(uri: str, data: bytes, storage_options: StorageOptions | None = None) -> None:

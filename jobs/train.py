@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from deconvnet import storage, training  # noqa: E402
-from deconvnet.cli import add_storage_option_arg  # noqa: E402
+from deconvnet.cli import add_storage_option_arg, storage_options_from  # noqa: E402
 from deconvnet.proposals import PROPOSAL_METHODS, ProposalConfig  # noqa: E402
 from deconvnet.training import RECIPES, TrainConfig, config_for  # noqa: E402
 from deconvnet.weights import ModelInfo, now_iso, read_model_info  # noqa: E402
@@ -246,8 +246,8 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     problem is parser.error: one line, exit code 2."""
     parser = build_parser()
     a = parser.parse_args(argv)
+    opts = storage_options_from(parser, a.storage_option)
     try:
-        opts = dict(storage.parse_storage_option(s) for s in a.storage_option)
         cfg = config_for(
             a.preset, data=a.data, storage=a.storage, name=a.name or f"deconvnet-{a.preset}",
             extra_train_lists=tuple(a.extra_train_list), init=a.init, num_workers=a.num_workers,
