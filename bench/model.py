@@ -13,7 +13,6 @@ bench/results/model.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -23,6 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import record  # noqa: E402  (bench/record.py: this script's folder is on sys.path)
 from deconvnet.model import PRESETS, build_model, macs_per_proposal  # noqa: E402
 
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, for the "of limit" column.
@@ -48,7 +48,7 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "model.json"))
+    p.add_argument("--out", default=record.default_path("model"))
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.iters < 1:
         p.error("--batch-size and --iters must be >= 1")
@@ -103,9 +103,7 @@ def main(argv=None) -> dict:
           f"{' compiled' if args.compile else ''} batch {args.batch_size} on {rec['device_name']}: "
           f"{rec['ms_per_batch']:.1f} ms/batch (median of {args.iters}), "
           f"{rate:.1f} proposals/s, {tflops:.2f} TFLOP/s{limit}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+    record.append(args.out, [rec])
     return rec
 
 

@@ -26,9 +26,9 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import record as bench_record  # noqa: E402  (bench/record.py: this script's folder is on sys.path)
 from deconvnet import storage  # noqa: E402
 from deconvnet.crf import crf_config, dense_crf  # noqa: E402
 from deconvnet.imageio import decode_image  # noqa: E402
@@ -112,10 +112,6 @@ def model_only(seg: Segmenter, proposals: int, batch_size: int) -> float:
     return time.perf_counter() - t0
 
 
-def job_out(args, crf: str) -> str:
-    return os.path.join(args.work, f"out-seq-{crf}-{time.time_ns()}")
-
-
 def record_proposals(output: str) -> list[int]:
     """num_proposals of every row the job wrote."""
     from pipeline.outputs import iter_rows, read_predictions
@@ -134,7 +130,7 @@ def main(argv=None):
     p.add_argument("--crf", nargs="+", default=["paper", "none"], choices=["paper", "deeplab", "none"])
     p.add_argument("--skip-sequential", action="store_true")
     p.add_argument("--work", default="/tmp/deconvnet-bench")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "pipeline.json"))
+    p.add_argument("--out", default=bench_record.default_path("pipeline"))
     args = p.parse_args(argv)
     w, h = (int(v) for v in args.size.split("x"))
 
@@ -185,14 +181,12 @@ def main(argv=None):
         job = next(r for r in results if r["crf"] == crf and r["images"] == args.images)
         n = args.images
         if not args.skip_sequential:
-            job["sequential_images_per_s"] = round(n / sequential(files, seg, proposals, crf, job_out(args, crf)), 3)
+            out = os.path.join(args.work, f"out-seq-{crf}-{time.time_ns()}")
+            job["sequential_images_per_s"] = round(n / sequential(files, seg, proposals, crf, out), 3)
         job["model_only_images_per_s"] = round(n / model_only(seg, int(job["proposals_per_image"] * n),
                                                               args.batch_size), 3)
         print(json.dumps(job))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "a") as f:
-        for r in results:
-            f.write(json.dumps(r) + "\n")
+    bench_record.append(args.out, results)
     print(f"\n{'N':>5} {'crf':>7} {'job img/s':>10} {'sequential':>11} {'model-only':>11} "
           f"{'workers MiB':>12} {'largest':>8} {'driver':>7}")
     for r in results:

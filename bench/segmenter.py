@@ -12,7 +12,6 @@ line to bench/results/segmenter.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -23,6 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import record  # noqa: E402  (bench/record.py: this script's folder is on sys.path)
 from deconvnet.model import build_model, preset  # noqa: E402
 from deconvnet.proposals import ProposalConfig, propose  # noqa: E402
 from deconvnet.segmenter import Segmenter, SegmenterConfig  # noqa: E402
@@ -39,7 +39,7 @@ def main(argv=None) -> dict:
     p.add_argument("--aggregate", default="max", choices=["max", "mean"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default=None)
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "segmenter.json"))
+    p.add_argument("--out", default=record.default_path("segmenter"))
     a = p.parse_args(argv)
     cfg = preset(a.preset)
     seg = Segmenter(build_model(cfg), ModelInfo(config=cfg),
@@ -82,9 +82,7 @@ def main(argv=None) -> dict:
     print(f"{a.preset} on {rec['device']} ({rec['threads']} threads), {n_props / a.images:.0f} proposals/image, "
           f"batch {a.batch_size}: propose {rec['propose_ms_per_image']} ms, segment "
           f"{rec['segment_ms_per_image']} ms/image (forward alone {rec['forward_only_ms_per_image']} ms)")
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+    record.append(a.out, [rec])
     return rec
 
 
