@@ -13,17 +13,14 @@ bench/results/model.json.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import record  # noqa: E402  (bench/record.py: this script's folder is on sys.path)
-from deconvnet.model import PRESETS, build_model, macs_per_proposal  # noqa: E402
+import record  # bench/record.py: this script's folder is on sys.path
+from deconvnet.model import PRESETS, build_model, macs_per_proposal
 
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, for the "of limit" column.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}

@@ -19,25 +19,23 @@ import glob
 import json
 import os
 import platform
-import sys
 import threading
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-import torch  # noqa: E402
+import torch
 
-import record as bench_record  # noqa: E402  (bench/record.py: this script's folder is on sys.path)
-from deconvnet import storage  # noqa: E402
-from deconvnet.crf import crf_config, dense_crf  # noqa: E402
-from deconvnet.imageio import decode_image  # noqa: E402
-from deconvnet.model import build_model, preset  # noqa: E402
-from deconvnet.proposals import ProposalConfig, propose  # noqa: E402
-from deconvnet.segmenter import Segmenter, SegmenterConfig, labels_and_confidence  # noqa: E402
-from deconvnet.synthetic import generate  # noqa: E402
-from deconvnet.voc import encode_label_png  # noqa: E402
-from deconvnet.weights import ModelInfo, save_model_dir  # noqa: E402
+import record as bench_record  # bench/record.py: this script's folder is on sys.path
+from deconvnet import storage
+from deconvnet.crf import crf_config, dense_crf
+from deconvnet.imageio import decode_image
+from deconvnet.model import build_model, preset
+from deconvnet.proposals import ProposalConfig, propose
+from deconvnet.segmenter import Segmenter, SegmenterConfig, labels_and_confidence
+from deconvnet.synthetic import generate
+from deconvnet.voc import encode_label_png
+from deconvnet.weights import ModelInfo, save_model_dir
 
 
 def _rss(pid: str) -> int:

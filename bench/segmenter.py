@@ -12,22 +12,19 @@ line to bench/results/segmenter.json.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-import record  # noqa: E402  (bench/record.py: this script's folder is on sys.path)
-from deconvnet.model import build_model, preset  # noqa: E402
-from deconvnet.proposals import ProposalConfig, propose  # noqa: E402
-from deconvnet.segmenter import Segmenter, SegmenterConfig  # noqa: E402
-from deconvnet.synthetic import sample  # noqa: E402
-from deconvnet.weights import ModelInfo  # noqa: E402
+import record  # bench/record.py: this script's folder is on sys.path
+from deconvnet.model import build_model, preset
+from deconvnet.proposals import ProposalConfig, propose
+from deconvnet.segmenter import Segmenter, SegmenterConfig
+from deconvnet.synthetic import sample
+from deconvnet.weights import ModelInfo
 
 
 def main(argv=None) -> dict:

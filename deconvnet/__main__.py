@@ -23,7 +23,8 @@ def cmd_init(args, parser) -> int:
     import torch
 
     from .model import build_model, preset
-    from .weights import ModelInfo, init_from_vgg16, now_iso, read_state_dict, save_model_dir
+    from .records import now_iso
+    from .weights import ModelInfo, init_from_vgg16, read_state_dict, save_model_dir
     from .voc import VOC_CLASSES
 
     opts = storage_options_from(parser, args.storage_option)
@@ -61,7 +62,6 @@ def cmd_segment(args, parser) -> int:
     from .proposals import ProposalConfig, propose
     from .segmenter import Segmenter, SegmenterConfig, labels_and_confidence
     from .voc import encode_label_png, overlay
-    from .weights import palette_array
 
     opts = storage_options_from(parser, args.storage_option)
     try:
@@ -81,7 +81,7 @@ def cmd_segment(args, parser) -> int:
     else:
         labels, conf = dense_crf(image, probs, crf_config(args.crf))
         confidence = float(conf.mean())
-    palette = palette_array(segmenter.info)
+    palette = segmenter.info.palette_array()
     storage.write_bytes(args.out, encode_label_png(labels, palette), opts)
     if args.overlay:
         storage.write_bytes(args.overlay, encode_jpeg(overlay(image, labels, palette=palette)), opts)

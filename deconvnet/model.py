@@ -41,10 +41,16 @@ class DeconvNetConfig:
     vgg: str = "D"  # key into `cfgs`
 
     def __post_init__(self):
-        assert self.arch in ("deconvnet", "fcn8s"), f"unknown arch {self.arch!r}"
-        assert self.num_classes >= 1, f"num_classes must be >= 1, got {self.num_classes}"
-        assert self.width > 0 and self.fc_dim >= 1, "width and fc_dim must be positive"
-        assert self.vgg in cfgs, f"unknown VGG layout {self.vgg!r}; known: {sorted(cfgs)}"
+        """Raise ValueError naming the field (a config.json can say anything)."""
+        if self.arch not in ("deconvnet", "fcn8s"):
+            raise ValueError(f"arch must be 'deconvnet' or 'fcn8s', got {self.arch!r}")
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if not (self.width > 0 and self.fc_dim >= 1 and self.fc_kernel >= 1 and self.in_channels >= 1):
+            raise ValueError(f"width, fc_dim, fc_kernel and in_channels must be positive, got "
+                             f"{self.width}, {self.fc_dim}, {self.fc_kernel}, {self.in_channels}")
+        if self.vgg not in cfgs:
+            raise ValueError(f"vgg must be one of {sorted(cfgs)}, got {self.vgg!r}")
 
     def layer_widths(self) -> list[int | str]:
         """The VGG table with widths scaled by `width` (at least 1 channel)."""

@@ -73,7 +73,8 @@ from .model import PRESETS, build_model, preset
 from .proposals import PROPOSAL_METHODS, ProposalConfig, enlarge_boxes, propose
 from .segmenter import Segmenter, SegmenterConfig, integer_boxes
 from .voc import IGNORE_INDEX, VOC_CLASSES, decode_label_png
-from .weights import ModelInfo, load_model_dir, now_iso, save_model_dir
+from .records import now_iso
+from .weights import ModelInfo, load_model_dir, save_model_dir
 
 TRAIN_LIST = "ImageSets/Segmentation/train.txt"
 VAL_LIST = "ImageSets/Segmentation/val.txt"

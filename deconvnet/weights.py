@@ -17,7 +17,6 @@ encoder and fc6/fc7 through one pure function, `vgg16_to_deconvnet`.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import hashlib
 import io
 import json
@@ -62,6 +61,10 @@ class ModelInfo:
     def __post_init__(self):
         if len(self.classes) != self.config.num_classes:
             raise ValueError(f"{len(self.classes)} class names for a {self.config.num_classes}-class model")
+
+    def palette_array(self) -> np.ndarray:
+        """(256, 3) uint8: class id k is drawn in colour k."""
+        return np.asarray(self.palette, dtype=np.uint8)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -302,11 +305,3 @@ def init_from_vgg16(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list
         raise ValueError("VGG16 weights do not fit this model: " + "; ".join(problems))
     model.load_state_dict(converted, strict=False)
     return sorted(converted)
-
-
-def now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def palette_array(info: ModelInfo) -> np.ndarray:
-    return np.asarray(info.palette, dtype=np.uint8)

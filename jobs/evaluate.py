@@ -41,24 +41,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import posixpath
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import pyarrow.compute as pc  # noqa: E402
+import pyarrow.compute as pc
 
-from deconvnet import storage  # noqa: E402
-from deconvnet.cli import add_storage_option_arg, storage_options_from  # noqa: E402
-from deconvnet.metrics import ConfusionMatrix  # noqa: E402
-from deconvnet.training import VAL_LIST, VocItem, read_list  # noqa: E402
-from deconvnet.voc import decode_label_png  # noqa: E402
-from deconvnet.weights import read_model_info  # noqa: E402
-from pipeline.outputs import iter_rows, latest_rows, read_predictions  # noqa: E402
+from deconvnet import storage
+from deconvnet.cli import add_storage_option_arg, storage_options_from
+from deconvnet.metrics import ConfusionMatrix
+from deconvnet.training import VAL_LIST, VocItem, read_list
+from deconvnet.voc import decode_label_png
+from deconvnet.weights import read_model_info
+from pipeline.outputs import iter_rows, latest_rows, read_predictions
 
 ROW_COLUMNS = ["image_uri", "mask_uri", "status", "model_id", "run_id", "class_pixels"]
 READ_THREADS = 16  # masks and labels are small objects: reading them is waiting on storage

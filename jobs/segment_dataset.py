@@ -23,15 +23,14 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from deconvnet import storage  # noqa: E402
-from deconvnet.cli import add_storage_option_arg, storage_options_from  # noqa: E402
-from deconvnet.crf import CRF_PRESETS  # noqa: E402
-from deconvnet.proposals import PROPOSAL_METHODS, ProposalConfig  # noqa: E402
-from deconvnet.segmenter import AGGREGATES, ENSEMBLES  # noqa: E402
-from deconvnet.weights import check_model_dir  # noqa: E402
-from pipeline.config import IMAGE_SUFFIXES, SegmentJobConfig  # noqa: E402
+from deconvnet import storage
+from deconvnet.cli import add_storage_option_arg, storage_options_from
+from deconvnet.crf import CRF_PRESETS
+from deconvnet.proposals import PROPOSAL_METHODS, ProposalConfig
+from deconvnet.segmenter import AGGREGATES, ENSEMBLES
+from deconvnet.weights import check_model_dir
+from pipeline.config import IMAGE_SUFFIXES, SegmentJobConfig
 
 
 def _positive(text: str) -> int:

@@ -41,13 +41,13 @@ import tempfile
 import time
 from typing import TYPE_CHECKING, Any
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from deconvnet import storage, training  # noqa: E402
-from deconvnet.cli import add_storage_option_arg, storage_options_from  # noqa: E402
-from deconvnet.proposals import PROPOSAL_METHODS, ProposalConfig  # noqa: E402
-from deconvnet.training import RECIPES, TrainConfig, config_for  # noqa: E402
-from deconvnet.weights import ModelInfo, now_iso, read_model_info  # noqa: E402
+from deconvnet import storage, training
+from deconvnet.cli import add_storage_option_arg, storage_options_from
+from deconvnet.proposals import PROPOSAL_METHODS, ProposalConfig
+from deconvnet.training import RECIPES, TrainConfig, config_for
+from deconvnet.records import now_iso
+from deconvnet.weights import ModelInfo, read_model_info
 
 if TYPE_CHECKING:
     import torch

@@ -22,7 +22,8 @@ from deconvnet import storage
 from deconvnet.crf import crf_config
 from deconvnet.proposals import ProposalConfig
 from deconvnet.segmenter import SegmenterConfig
-from deconvnet.weights import ModelInfo, now_iso, palette_array, read_model_info
+from deconvnet.records import now_iso
+from deconvnet.weights import ModelInfo, read_model_info
 
 from . import gallery, stages
 from .config import IMAGE_SUFFIXES, SegmentJobConfig
@@ -74,7 +75,7 @@ def plan(cfg: SegmentJobConfig, todo: list[dict[str, Any]], info: ModelInfo, run
                             compute=ray.data.TaskPoolStrategy(size=cfg.crf_cpus) if cfg.crf_cpus else None,
                             fn_kwargs={"crf": crf})
     ds = ds.map_batches(stages.write, batch_size=cfg.images_per_batch, num_cpus=1, **remote, fn_kwargs={
-        "output": cfg.output, "num_classes": info.config.num_classes, "palette": palette_array(info),
+        "output": cfg.output, "num_classes": info.config.num_classes, "palette": info.palette_array(),
         "model_id": info.model_id, "run_id": run_id, "storage_options": opts})
     return ds
 
@@ -180,7 +181,7 @@ def write_gallery(cfg: SegmentJobConfig, info: ModelInfo, run: dict[str, Any]) -
     page shows the whole output even after a run that labelled nothing new."""
     rows = latest_rows(read_predictions(cfg.output, list(gallery.COLUMNS), cfg.storage_options))
     summary = gallery.summarize(iter_rows(rows), cfg.gallery_size)
-    page = gallery.render(summary, output=cfg.output, classes=info.classes, palette=palette_array(info), run=run)
+    page = gallery.render(summary, output=cfg.output, classes=info.classes, palette=info.palette_array(), run=run)
     uri = storage.join(cfg.output, "index.html")
     storage.write_bytes(uri, page.encode("utf-8", "replace"), cfg.storage_options)
     return uri
