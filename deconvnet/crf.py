@@ -25,8 +25,9 @@ import numpy as np
 import pydensecrf.densecrf as dcrf
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from pydensecrf.utils import unary_from_softmax
+
+from .imageio import downscale
 
 
 @dataclass(frozen=True)
@@ -84,10 +85,8 @@ def dense_crf(image: np.ndarray, probs: np.ndarray,
     if config.max_side is None or max(h, w) <= config.max_side:
         q = _mean_field(image, probs, config)  # (C, H, W)
     else:
-        scale = config.max_side / max(h, w)
-        size = (max(1, round(h * scale)), max(1, round(w * scale)))
-        small = np.asarray(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
-        q = _mean_field(small, _resize(probs, size, antialias=True), config)  # (C, h, w)
+        small, _ = downscale(image, config.max_side)
+        q = _mean_field(small, _resize(probs, small.shape[:2], antialias=True), config)  # (C, h, w)
         q = _resize(q, (h, w), antialias=False)  # (C, H, W)
     return q.argmax(axis=0).astype(np.uint8), q.max(axis=0)
 

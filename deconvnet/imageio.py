@@ -76,6 +76,17 @@ def to_rgb(img: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(arr)  # (H, W, 3)
 
 
+def downscale(image: np.ndarray, max_side: int | None) -> tuple[np.ndarray, float]:
+    """(H, W, 3) uint8 with its longer side at most `max_side` (bilinear), and the
+    factor applied (1.0 when it already fits or `max_side` is None)."""
+    h, w = image.shape[:2]
+    if max_side is None or max(h, w) <= max_side:
+        return image, 1.0
+    scale = max_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))  # PIL's (width, height)
+    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR)), scale
+
+
 def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="JPEG", quality=quality)

@@ -34,9 +34,10 @@ from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from deconvnet import storage
+from . import storage
+from .geometry import enlarge_boxes
+from .imageio import downscale
 
 
 @dataclass(frozen=True)
@@ -89,13 +90,6 @@ def propose(image: np.ndarray, config: ProposalConfig) -> np.ndarray:
     return np.concatenate([enlarge_boxes(boxes, config.enlarge), whole]).astype(np.float32)
 
 
-def enlarge_boxes(boxes: np.ndarray, factor: float) -> np.ndarray:
-    """Scale (K, 4) xyxy boxes by `factor` around their centres."""
-    centres = (boxes[:, :2] + boxes[:, 2:]) / 2  # (K, 2)
-    half = (boxes[:, 2:] - boxes[:, :2]) * (factor / 2)  # (K, 2)
-    return np.concatenate([centres - half, centres + half], axis=1)
-
-
 # ---------------------------------------------------------------- generators
 
 def whole_image(image: np.ndarray, config: ProposalConfig) -> np.ndarray:
@@ -137,7 +131,7 @@ def selective_search(image: np.ndarray, config: ProposalConfig) -> np.ndarray:
     a scale (as `grid` ranks its windows).
     """
     cv2 = _cv2()
-    small, scale = _downscale(image, config.max_side)
+    small, scale = downscale(image, config.max_side)
     search = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
     search.setBaseImage(cv2.cvtColor(small, cv2.COLOR_RGB2BGR))
     search.switchToSelectiveSearchFast()
@@ -155,7 +149,7 @@ def edgeboxes(image: np.ndarray, config: ProposalConfig) -> np.ndarray:
     OpenCV's default parameters, boxes in order of their objectness score."""
     cv2 = _cv2()
     detector = _edge_detector(config.edge_model)
-    small, scale = _downscale(image, config.max_side)
+    small, scale = downscale(image, config.max_side)
     edges = detector.detectEdges(small.astype(np.float32) / 255)  # wants RGB in [0, 1]
     orientation = detector.computeOrientation(edges)
     edges = detector.edgesNms(edges, orientation)
@@ -200,16 +194,6 @@ def _interleave(groups: list[np.ndarray]) -> np.ndarray:
         return np.zeros((0, 4))
     ranks = np.concatenate([np.arange(len(g)) for g in groups])
     return np.concatenate(groups)[np.argsort(ranks, kind="stable")]
-
-
-def _downscale(image: np.ndarray, max_side: int | None) -> tuple[np.ndarray, float]:
-    """The image with its longer side at most `max_side`, and the factor applied."""
-    h, w = image.shape[:2]
-    if max_side is None or max(h, w) <= max_side:
-        return image, 1.0
-    scale = max_side / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR)), scale
 
 
 def _cv2() -> Any:

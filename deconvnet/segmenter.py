@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .geometry import integer_boxes
 from .weights import ModelInfo, load_model_dir
 
 AGGREGATES = ("max", "mean")
@@ -55,13 +56,13 @@ class SegmenterConfig:
             raise ValueError("batch_size must be >= 1 and input_size a multiple of 32")
 
 
-def integer_boxes(boxes: np.ndarray) -> np.ndarray:
-    """(K, 4) float xyxy -> (K, 4) int64 pixel boxes [x1, x2) x [y1, y2), each at
-    least one pixel wide. Crop and paste-back both use these, so they agree."""
-    b = np.round(np.asarray(boxes, dtype=np.float64)).astype(np.int64).reshape(-1, 4)
-    b[:, 2] = np.maximum(b[:, 2], b[:, 0] + 1)
-    b[:, 3] = np.maximum(b[:, 3], b[:, 1] + 1)
-    return b
+def normalise(pixels: torch.Tensor, info: ModelInfo) -> torch.Tensor:
+    """(3, H, W) RGB pixel values 0..255 (any float dtype, any device) -> what the
+    network was trained on: (pixels - mean * 255) / (std * 255), the model
+    directory's normalisation. Training crops go through this too."""
+    mean = torch.tensor(info.mean, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1) * 255
+    std = torch.tensor(info.std, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1) * 255
+    return (pixels - mean) / std
 
 
 def crop_boxes(image: torch.Tensor, boxes: np.ndarray, size: int) -> torch.Tensor:
@@ -157,8 +158,6 @@ class Segmenter:
         self.channels_last = cuda if config.channels_last is None else config.channels_last
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model = model.eval().to(self.device, memory_format=fmt)
-        self.mean = torch.tensor(info.mean, device=self.device).view(3, 1, 1) * 255
-        self.std = torch.tensor(info.std, device=self.device).view(3, 1, 1) * 255
         self.fcn = None
         if fcn is not None:
             fcn_model, fcn_info = fcn
@@ -167,8 +166,7 @@ class Segmenter:
             if fcn_info.config.arch != "fcn8s":
                 raise ValueError(f"--fcn-model must be an FCN-8s model, got arch {fcn_info.config.arch!r}")
             self.fcn = fcn_model.eval().to(self.device, memory_format=fmt)
-            self.fcn_mean = torch.tensor(fcn_info.mean, device=self.device).view(3, 1, 1) * 255
-            self.fcn_std = torch.tensor(fcn_info.std, device=self.device).view(3, 1, 1) * 255
+            self.fcn_info = fcn_info
 
     @classmethod
     def from_model_dir(cls, uri: str, config: SegmenterConfig = SegmenterConfig(),
@@ -203,7 +201,7 @@ class Segmenter:
         assert len(images) == len(boxes), f"{len(images)} images but {len(boxes)} box arrays"
         cfg, s = self.config, self.config.input_size
         raw = [self._to_device(im) for im in images]  # (3, H, W) each
-        normed = [(r - self.mean) / self.std for r in raw]
+        normed = [normalise(r, self.info) for r in raw]
         merged = [MergedMap(self.num_classes, r.shape[1], r.shape[2], cfg.aggregate, self.device) for r in raw]
         int_boxes = [integer_boxes(b) for b in boxes]
         # Every (image, box) pair in order, cut into forward batches of batch_size.
@@ -224,7 +222,7 @@ class Segmenter:
 
     def _ensemble(self, probs: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
         """EDeconvNet: combine with FCN-8s run on the whole image."""
-        fcn = self._forward(self.fcn, ((raw - self.fcn_mean) / self.fcn_std)[None])[0]  # (C, H, W)
+        fcn = self._forward(self.fcn, normalise(raw, self.fcn_info)[None])[0]  # (C, H, W)
         if self.config.ensemble == "mean":  # the paper's rule
             return (probs + fcn) / 2
         prod = probs.clamp(min=0) * fcn.clamp(min=0)  # the original code's product

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import colorsys
-import io
 import sys
 import time
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from . import storage
+from .imageio import encode_jpeg
 from .voc import IGNORE_INDEX, VOC_CLASSES, encode_label_png
 
 SHAPES = ("disc", "rectangle", "triangle", "ring", "cross")
@@ -197,12 +197,6 @@ def image_id(i: int) -> str:
     return f"{ID_PREFIX}{i + 1:06d}"
 
 
-def _jpeg(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="JPEG", quality=JPEG_QUALITY)
-    return buf.getvalue()
-
-
 def generate(out_uri: str, images: int, seed: int = 0, size: int | tuple[int, int] = 256,
              val_fraction: float = 0.25, classes: int = 4,
              storage_options: storage.StorageOptions | None = None) -> dict[str, Any]:
@@ -220,7 +214,7 @@ def generate(out_uri: str, images: int, seed: int = 0, size: int | tuple[int, in
     ids = [image_id(i) for i in range(images)]
     for i, name in enumerate(ids):
         s = sample(np.random.default_rng([seed, i]), height, width, classes)
-        storage.write_bytes(storage.join(out_uri, "JPEGImages", f"{name}.jpg"), _jpeg(s.image),
+        storage.write_bytes(storage.join(out_uri, "JPEGImages", f"{name}.jpg"), encode_jpeg(s.image, JPEG_QUALITY),
                             storage_options)
         storage.write_bytes(storage.join(out_uri, "SegmentationClass", f"{name}.png"),
                             encode_label_png(s.classes), storage_options)

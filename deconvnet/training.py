@@ -70,8 +70,9 @@ from . import storage
 from .imageio import decode_image
 from .metrics import ConfusionMatrix
 from .model import PRESETS, build_model, preset
-from .proposals import PROPOSAL_METHODS, ProposalConfig, enlarge_boxes, propose
-from .segmenter import Segmenter, SegmenterConfig, integer_boxes
+from .geometry import Instance, enlarge_boxes, find_instances, integer_boxes, matching_proposals, object_labels
+from .proposals import PROPOSAL_METHODS, ProposalConfig, propose
+from .segmenter import Segmenter, SegmenterConfig, normalise
 from .voc import IGNORE_INDEX, VOC_CLASSES, decode_label_png
 from .records import now_iso
 from .weights import ModelInfo, load_model_dir, save_model_dir
@@ -322,111 +323,6 @@ def open_voc(config: TrainConfig) -> tuple[VocDataset, VocDataset]:
     return VocDataset(list(train.values()), opts), VocDataset(val, opts)
 
 
-# --------------------------------------------------------- objects and boxes
-
-def connected_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """4-connected components of an (H, W) bool mask.
-
-    Returns (labels, n): labels (H, W) int32, 0 outside the mask and 1..n
-    inside, numbered in raster order of each component's first pixel.
-    Vectorised union-find: every round hooks the larger root of each edge
-    whose ends disagree onto the smaller one, then compresses every pointer
-    to its root; roots only decrease, so it ends in a few rounds.
-    """
-    assert mask.ndim == 2, f"mask must be (H, W), got shape {mask.shape}"
-    mask = mask.astype(bool)
-    h, w = mask.shape
-    flat = np.arange(h * w).reshape(h, w)
-    right = mask[:, :-1] & mask[:, 1:]  # (H, W-1): pixel and its right neighbour both inside
-    down = mask[:-1, :] & mask[1:, :]  # (H-1, W)
-    a = np.concatenate([flat[:, :-1][right], flat[:-1, :][down]])  # (E,) edge ends
-    b = np.concatenate([flat[:, 1:][right], flat[1:, :][down]])
-    parent = np.arange(h * w)  # parent[x] <= x always, so there are no cycles
-    while True:
-        ra, rb = parent[a], parent[b]  # roots: parent is fully compressed here
-        differ = ra != rb
-        if not differ.any():
-            break
-        np.minimum.at(parent, np.maximum(ra, rb)[differ], np.minimum(ra, rb)[differ])
-        while True:
-            jumped = parent[parent]
-            if np.array_equal(jumped, parent):
-                break
-            parent = jumped
-    labels = np.zeros((h, w), dtype=np.int32)
-    roots, inverse = np.unique(parent.reshape(h, w)[mask], return_inverse=True)
-    labels[mask] = inverse.reshape(-1) + 1
-    return labels, len(roots)
-
-
-@dataclass(frozen=True)
-class Instance:
-    mask: np.ndarray  # (H, W) bool
-    class_id: int
-    box: np.ndarray  # (4,) float64 tight xyxy, [x1, x2) x [y1, y2)
-
-
-def _instance(mask: np.ndarray, class_id: int) -> Instance:
-    ys, xs = np.nonzero(mask)
-    return Instance(mask, int(class_id), np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float64))
-
-
-def find_instances(classes: np.ndarray, objects: np.ndarray | None = None,
-                   min_side: int = 1) -> list[Instance]:
-    """The ground-truth objects of one image.
-
-    From the instance map when there is one (an object's class is the most
-    common class id under it), else from the connected components of each
-    class. Objects with a box side under `min_side` are left out.
-    """
-    found = []
-    if objects is not None:
-        for k in np.unique(objects):
-            if k in (0, IGNORE_INDEX):
-                continue
-            mask = objects == k
-            under = classes[mask]
-            under = under[(under != 0) & (under != IGNORE_INDEX)]
-            if under.size:
-                found.append(_instance(mask, np.bincount(under).argmax()))
-    else:
-        for c in np.unique(classes):
-            if c in (0, IGNORE_INDEX):
-                continue
-            components, n = connected_components(classes == c)
-            found.extend(_instance(components == k, c) for k in range(1, n + 1))
-    return [o for o in found if min(o.box[2] - o.box[0], o.box[3] - o.box[1]) >= min_side]
-
-
-def object_labels(classes: np.ndarray, instance: Instance) -> np.ndarray:
-    """Stage-1 labels: `instance` keeps its class, everything else is background
-    (0), and the ignore band (255) stays ignored. (H, W) uint8."""
-    out = np.zeros_like(classes)
-    out[classes == IGNORE_INDEX] = IGNORE_INDEX
-    out[instance.mask] = instance.class_id
-    return out
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of (N, 4) and (M, 4) xyxy boxes: (N, M); 0 where a union is empty."""
-    a = np.asarray(a, np.float64).reshape(-1, 4)
-    b = np.asarray(b, np.float64).reshape(-1, 4)
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])  # (N, M, 2)
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)  # (N, M)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-
-
-def matching_proposals(proposals: np.ndarray, object_boxes: np.ndarray, threshold: float) -> np.ndarray:
-    """(K,) bool: proposals whose IoU with some object box is >= threshold."""
-    if len(proposals) == 0 or len(object_boxes) == 0:
-        return np.zeros(len(proposals), dtype=bool)
-    return box_iou(proposals, object_boxes).max(axis=1) >= threshold
-
-
 # -------------------------------------------------------------- augmentation
 
 def crop_and_augment(image: torch.Tensor, labels: torch.Tensor, box: np.ndarray, resize: int,
@@ -457,14 +353,6 @@ def crop_and_augment(image: torch.Tensor, labels: torch.Tensor, box: np.ndarray,
     return img.contiguous(), lab.contiguous()
 
 
-def normalise(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """(H, W, 3) uint8 RGB -> (3, H, W) float32, as the segmenter normalises."""
-    t = torch.tensor(image).permute(2, 0, 1).float()  # (3, H, W); a copy: decoded images are read-only
-    m = torch.tensor(mean).view(3, 1, 1) * 255
-    s = torch.tensor(std).view(3, 1, 1) * 255
-    return (t - m) / s
-
-
 class CropDataset(Dataset):
     """Training crops of one stage. Item `(index, key)`: image `index` of the
     VOC dataset, with the crop drawn by an RNG seeded from (seed, stage, key).
@@ -473,7 +361,7 @@ class CropDataset(Dataset):
     def __init__(self, voc: VocDataset, stage: int, config: TrainConfig, info: ModelInfo):
         assert stage in (1, 2), f"stage must be 1 or 2, got {stage}"
         self.voc, self.stage, self.config = voc, stage, config
-        self.mean, self.std = info.mean, info.std
+        self.info = info
         self.num_classes = info.config.num_classes
         self.proposal_config = ProposalConfig(method=config.proposals, max_proposals=config.max_proposals,
                                               enlarge=1.0)  # IoU before enlargement; see module docstring
@@ -492,7 +380,8 @@ class CropDataset(Dataset):
                              f"but the model has {self.num_classes} classes")
         objs = find_instances(sample.classes, sample.objects, cfg.min_object_side)
         box, labels = self.target(sample, objs, rng)
-        return crop_and_augment(normalise(sample.image, self.mean, self.std), torch.from_numpy(labels),
+        pixels = torch.tensor(sample.image).permute(2, 0, 1).float()  # (3, H, W); a copy: decoded images are read-only
+        return crop_and_augment(normalise(pixels, self.info), torch.from_numpy(labels),
                                 box, cfg.resize, cfg.input_size, rng)
 
     def target(self, sample: VocSample, objs: list[Instance],
@@ -825,15 +714,3 @@ def write_final(config: TrainConfig, state: TrainState, export_info: ModelInfo |
     storage.write_bytes(storage.join(config.results_uri, FINAL_FILE),
                         json.dumps(final, indent=2).encode(), config.storage_options)
     return final
-
-
-__all__ = [
-    "TrainConfig", "RECIPES", "config_for", "VocItem", "VocSample", "VocDataset", "read_list", "open_voc",
-    "connected_components", "Instance", "find_instances", "object_labels", "box_iou",
-    "matching_proposals", "crop_and_augment", "normalise", "CropDataset", "StreamSampler",
-    "crop_loader", "param_groups", "make_optimizer", "learning_rate", "segmentation_loss",
-    "train_step", "autotune_convolutions", "unwrap", "initial_model", "init_matches_preset", "evaluate", "broadcast_buffers_",
-    "all_reduce_",
-    "TrainState", "save_checkpoint", "load_checkpoint", "history_csv", "plot_curves",
-    "write_results", "export_model", "read_final", "write_final",
-]

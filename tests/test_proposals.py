@@ -9,7 +9,8 @@ import fsspec
 import numpy as np
 import pytest
 
-from deconvnet.proposals import PROPOSAL_METHODS, ProposalConfig, enlarge_boxes, propose
+from deconvnet.geometry import enlarge_boxes
+from deconvnet.proposals import PROPOSAL_METHODS, ProposalConfig, propose
 
 
 @pytest.fixture

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from deconvnet.model import PRESETS, DeconvNet, preset
-from deconvnet.segmenter import MergedMap, Segmenter, SegmenterConfig, crop_boxes, integer_boxes
+from deconvnet.geometry import integer_boxes
+from deconvnet.segmenter import MergedMap, Segmenter, SegmenterConfig, crop_boxes
 from deconvnet.weights import ModelInfo
 
 

@@ -15,19 +15,21 @@ import torch
 from deconvnet import synthetic, training
 from deconvnet.metrics import ConfusionMatrix
 from deconvnet.model import build_model, preset
-from deconvnet.proposals import enlarge_boxes
+from deconvnet.geometry import (
+    box_iou,
+    connected_components,
+    enlarge_boxes,
+    find_instances,
+    matching_proposals,
+    object_labels,
+)
 from deconvnet.training import (
     CropDataset,
     TrainConfig,
     VocSample,
-    box_iou,
     config_for,
-    connected_components,
     crop_and_augment,
-    find_instances,
     learning_rate,
-    matching_proposals,
-    object_labels,
 )
 from deconvnet.voc import IGNORE_INDEX
 from deconvnet.weights import ModelInfo, load_model_dir
