@@ -5,7 +5,26 @@ all proposals become unary potentials (-log p), a Gaussian kernel over pixel
 positions and a bilateral kernel over positions and RGB colours pull nearby,
 similar pixels to the same label, and a few mean-field iterations give a
 refined distribution whose argmax is the label map. Runs on the CPU through
-pydensecrf2 (imported as `pydensecrf`).
+pydensecrf2 (imported as `pydensecrf`), which wraps the same C++ (Krahenbuhl's
+densecrf 2.x) as the release's MATLAB wrapper johannesu/meanfield-matlab.
+
+Besides the kernels' stds and weights, a preset fixes three things the two
+wrappers default differently:
+- `normalization`: meanfield-matlab's `Densecrf.m` defaults to
+  `NormalizationType = 'NO_NORMALIZATION'`: a pixel's message is the plain
+  (lattice-approximated) Gaussian-weighted sum of its neighbours' Q, so the
+  pairwise pull grows with how many similar pixels surround it.
+  pydensecrf defaults to `NORMALIZE_SYMMETRIC` (divide by sqrt(kernel sum) on
+  both sides; the pull is a weighted average, at most the kernel's weight).
+- `kernel`: meanfield-matlab's `densecrf_mex.cpp` hard-codes `CONST_KERNEL`,
+  pydensecrf defaults to `DIAG_KERNEL`. The two differ only in which feature
+  weights are learnable; inference gives the same result (DIAG starts at 1).
+- `unary_clip`: the release passes `-log(p)` unclipped
+  (inference/generate_EDeconvNet_CRF_results.m: `unary = -log(prob_map)`);
+  pydensecrf's `unary_from_softmax` clips p at 1e-5 (unary <= 11.5). With
+  None, p is floored only at float32's smallest normal, 2**-126, so the unary
+  stays finite (<= 87.3): a p of exactly 0, e.g. a probability under 2**-25
+  rounded to 0 in the pipeline's float16 maps, would otherwise give +inf.
 
 `max_side` trades accuracy for speed on big images: the CRF then runs on the
 image and probabilities downscaled to that longer side, and its output
@@ -25,9 +44,15 @@ import numpy as np
 import pydensecrf.densecrf as dcrf
 import torch
 import torch.nn.functional as F
-from pydensecrf.utils import unary_from_softmax
 
 from .imageio import downscale
+
+KERNELS = {"const": dcrf.CONST_KERNEL, "diag": dcrf.DIAG_KERNEL, "full": dcrf.FULL_KERNEL}
+NORMALIZATIONS = {"none": dcrf.NO_NORMALIZATION, "before": dcrf.NORMALIZE_BEFORE,
+                  "after": dcrf.NORMALIZE_AFTER, "symmetric": dcrf.NORMALIZE_SYMMETRIC}
+# The floor of p when the unary is not clipped: float32's smallest normal, so
+# -log p <= 87.34 instead of +inf for p == 0.
+UNCLIPPED_FLOOR = float(np.finfo(np.float32).tiny)
 
 
 @dataclass(frozen=True)
@@ -37,10 +62,20 @@ class CRFConfig:
     bilateral_sxy: float = 20      # appearance kernel: position std, pixels
     bilateral_srgb: float = 3      # appearance kernel: colour std, 0-255 units
     bilateral_compat: float = 5    # appearance kernel weight
-    iterations: int = 10           # mean-field steps; 10 in both the paper's code and DeepLab's
+    iterations: int = 10           # mean-field steps; 10 in the release and in DeepLab
+    kernel: str = "const"          # a key of KERNELS; "const" as meanfield-matlab (module docstring)
+    normalization: str = "none"    # a key of NORMALIZATIONS; "none" as meanfield-matlab
+    unary_clip: float | None = None  # floor of p before -log p; None: unclipped, as the release
     max_side: int | None = None    # run at most this longer side (module docstring); None: full
 
     def __post_init__(self) -> None:
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {sorted(KERNELS)}, got {self.kernel!r}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {sorted(NORMALIZATIONS)}, "
+                             f"got {self.normalization!r}")
+        if self.unary_clip is not None and not 0 < self.unary_clip < 1:
+            raise ValueError(f"unary_clip must be in (0, 1) or None, got {self.unary_clip}")
         if self.iterations < 0:
             raise ValueError(f"iterations must be >= 0, got {self.iterations}")
         if self.max_side is not None and self.max_side < 1:
@@ -48,12 +83,17 @@ class CRFConfig:
 
 
 CRF_PRESETS: dict[str, CRFConfig] = {
-    # The DeconvNet release: Gaussian xy 3 / weight 3, bilateral xy 20, rgb 3, weight 5.
+    # The DeconvNet release (HyeonwooNoh/DeconvNet inference/generate_EDeconvNet_CRF_results.m):
+    # Gaussian xy 3 / weight 3, bilateral xy 20, rgb 3, weight 5, 10 iterations, unary
+    # -log(prob_map) unclipped; johannesu/meanfield-matlab (Densecrf.m, include/densecrf_mex.cpp):
+    # NO_NORMALIZATION, CONST_KERNEL.
     "paper": CRFConfig(),
     # DeepLab's published defaults, weight/std: pos 3/1, bilateral 4/67/3
-    # (pos_w=3, pos_xy_std=1, bi_w=4, bi_xy_std=67, bi_rgb_std=3).
+    # (pos_w=3, pos_xy_std=1, bi_w=4, bi_xy_std=67, bi_rgb_std=3). Kernel,
+    # normalisation and unary clip are pydensecrf's defaults.
     "deeplab": CRFConfig(gauss_sxy=1, gauss_compat=3, bilateral_sxy=67, bilateral_srgb=3,
-                         bilateral_compat=4),
+                         bilateral_compat=4, kernel="diag", normalization="symmetric",
+                         unary_clip=1e-5),
 }
 
 
@@ -91,16 +131,27 @@ def dense_crf(image: np.ndarray, probs: np.ndarray,
     return q.argmax(axis=0).astype(np.uint8), q.max(axis=0)
 
 
+def unary_energy(probs: np.ndarray, clip: float | None) -> np.ndarray:
+    """(C, H, W) probabilities -> (C, H*W) float32 unary -log p, p floored at
+    `clip` (None: at UNCLIPPED_FLOOR, so p == 0 stays finite)."""
+    p = np.asarray(probs, dtype=np.float32).reshape(probs.shape[0], -1)
+    floor = UNCLIPPED_FLOOR if clip is None else clip
+    return np.ascontiguousarray(-np.log(np.clip(p, floor, 1.0)))
+
+
 def _mean_field(image: np.ndarray, probs: np.ndarray, config: CRFConfig) -> np.ndarray:
     """pydensecrf's inference: (C, H, W) probabilities after `config.iterations` steps."""
     c, h, w = probs.shape
     crf = dcrf.DenseCRF2D(w, h, c)
-    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))  # (C, H*W) -log p
-    crf.addPairwiseGaussian(sxy=config.gauss_sxy, compat=config.gauss_compat)
+    crf.setUnaryEnergy(unary_energy(probs, config.unary_clip))  # (C, H*W)
+    kernel, norm = KERNELS[config.kernel], NORMALIZATIONS[config.normalization]
+    crf.addPairwiseGaussian(sxy=config.gauss_sxy, compat=config.gauss_compat,
+                            kernel=kernel, normalization=norm)
     # pydensecrf takes C-contiguous, writable buffers only (an image decoded by PIL is read-only).
     rgb = np.require(image, np.uint8, ["C_CONTIGUOUS", "WRITEABLE"])  # (H, W, 3)
     crf.addPairwiseBilateral(sxy=config.bilateral_sxy, srgb=config.bilateral_srgb,
-                             rgbim=rgb, compat=config.bilateral_compat)
+                             rgbim=rgb, compat=config.bilateral_compat,
+                             kernel=kernel, normalization=norm)
     return np.asarray(crf.inference(config.iterations), dtype=np.float32).reshape(c, h, w)
 
 

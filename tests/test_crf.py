@@ -39,7 +39,9 @@ def test_crf_improves_a_coarse_map_along_colour_edges(two_regions, preset):
     labels, confidence = dense_crf(image, probs, crf_config(preset))
     assert labels.shape == (H, W) and labels.dtype == np.uint8
     assert confidence.shape == (H, W) and confidence.dtype == np.float32
-    assert iou(labels == 1, mask) > before + 0.03
+    # The release's unnormalised kernels ("paper") gain less here (0.950 -> 0.973)
+    # than normalised ones (-> 0.998).
+    assert iou(labels == 1, mask) > before + 0.02
     assert 0.5 <= confidence.min() and confidence.max() <= 1.0 + 1e-6
 
 
@@ -63,9 +65,11 @@ def test_max_side_returns_full_size_labels_that_mostly_agree(two_regions):
 
 def test_presets_differ_and_match_their_sources():
     assert CRF_PRESETS["paper"] == CRFConfig(gauss_sxy=3, gauss_compat=3, bilateral_sxy=20,
-                                             bilateral_srgb=3, bilateral_compat=5, iterations=10)
+                                             bilateral_srgb=3, bilateral_compat=5, iterations=10,
+                                             kernel="const", normalization="none", unary_clip=None)
     assert CRF_PRESETS["deeplab"] == CRFConfig(gauss_sxy=1, gauss_compat=3, bilateral_sxy=67,
-                                               bilateral_srgb=3, bilateral_compat=4, iterations=10)
+                                               bilateral_srgb=3, bilateral_compat=4, iterations=10,
+                                               kernel="diag", normalization="symmetric", unary_clip=1e-5)
     assert CRF_PRESETS["paper"] != CRF_PRESETS["deeplab"]
 
 
