@@ -2,6 +2,7 @@
 
     python -m deconvnet init --preset tiny --out models/tiny
     python -m deconvnet init --preset paper --vgg16 vgg16-397923af.pth --out s3://bucket/models/deconvnet-init
+    python -m deconvnet convert-caffe DeconvNet_trainval_inference.caffemodel --out models/deconvnet-voc
     python -m deconvnet segment photo.jpg --model models/tiny --out photo.png --overlay photo-overlay.jpg
 
 A user mistake (a missing file, a bad value) is one line on stderr and exit
@@ -57,29 +58,30 @@ def cmd_init(args, parser) -> int:
 
 
 def cmd_segment(args, parser) -> int:
-    from .crf import crf_config, dense_crf
+    from .crf import dense_crf
     from .imageio import BadImage, decode_image, encode_jpeg
-    from .proposals import ProposalConfig, propose
-    from .segmenter import Segmenter, SegmenterConfig, labels_and_confidence
+    from .inference import inference_configs
+    from .proposals import propose
+    from .segmenter import Segmenter, labels_and_confidence
     from .voc import encode_label_png, overlay
 
     opts = storage_options_from(parser, args.storage_option)
     try:
-        proposals = ProposalConfig(method=args.proposals, max_proposals=args.max_proposals,
-                                   edge_model=args.edge_model)
-        segmenter = Segmenter.from_model_dir(args.model, SegmenterConfig(batch_size=args.batch_size,
-                                                                         aggregate=args.aggregate),
+        cfg = inference_configs(args.inference, proposals=args.proposals, max_proposals=args.max_proposals,
+                                edge_model=args.edge_model, batch_size=args.batch_size,
+                                aggregate=args.aggregate, ensemble=args.ensemble, crf=args.crf)
+        segmenter = Segmenter.from_model_dir(args.model, cfg.segmenter,
                                              device=args.device, fcn_uri=args.fcn_model, storage_options=opts)
         image = decode_image(storage.read_bytes(args.image, opts))
+        boxes = propose(image, cfg.proposals, opts)  # reads --edge-model with the storage options
     except (FileNotFoundError, ValueError) as e:  # BadImage is a ValueError
         kind = "image" if isinstance(e, BadImage) else "error"
         parser.error(f"{kind}: {e}")
-    boxes = propose(image, proposals)
     probs = segmenter.segment([image], [boxes])[0]  # (C, H, W)
-    if args.crf == "none":
+    if cfg.crf is None:
         labels, confidence = labels_and_confidence(probs)
     else:
-        labels, conf = dense_crf(image, probs, crf_config(args.crf))
+        labels, conf = dense_crf(image, probs, cfg.crf)
         confidence = float(conf.mean())
     palette = segmenter.info.palette_array()
     storage.write_bytes(args.out, encode_label_png(labels, palette), opts)
@@ -91,6 +93,33 @@ def cmd_segment(args, parser) -> int:
     print(f"{args.image}: {image.shape[1]}x{image.shape[0]}, {len(boxes)} proposals, "
           f"mean confidence {confidence:.3f}; {present}")
     print(f"wrote {args.out}" + (f" and {args.overlay}" if args.overlay else ""))
+    return 0
+
+
+def cmd_convert_caffe(args, parser) -> int:
+    from .caffe import convert_caffemodel
+
+    opts = storage_options_from(parser, args.storage_option)
+    classes = None
+    if args.classes:
+        try:
+            text = storage.read_bytes(args.classes, opts).decode()
+        except FileNotFoundError:
+            parser.error(f"--classes: no such file {args.classes}")
+        classes = tuple(line.strip() for line in text.splitlines() if line.strip())
+    try:
+        done = convert_caffemodel(args.weights, args.out, kind=args.kind, classes=classes,
+                                  bn_mode=args.bn_mode, seed=args.seed, storage_options=opts)
+    except (FileNotFoundError, IsADirectoryError, ValueError) as e:  # one line, nothing written
+        what = f"no such file {e.filename or e}" if isinstance(e, OSError) else str(e)
+        print(f"{parser.prog}: error: {' '.join(what.split())}", file=sys.stderr)
+        return 2
+    n = sum(int(np.prod(v.shape)) for k, v in done.state.items() if ".bn." not in k)
+    bn = {"inference": "folded for inference", "learn": "training gamma/beta, no statistics"}.get(done.bn_mode, "none")
+    print(f"wrote {args.out} (model id {done.info.model_id}, kind {done.kind}, "
+          f"{len(done.info.classes)} classes, BN {bn}, {n:,} weights and biases)")
+    if done.bn_mode == "learn":
+        print("note: a training snapshot: use it to fine-tune (jobs/train.py --init), not for inference")
     return 0
 
 
@@ -110,24 +139,53 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_init)
 
     from .crf import CRF_PRESETS
+    from .inference import INFERENCE_MODES
     from .proposals import PROPOSAL_METHODS
-    from .segmenter import AGGREGATES
+    from .segmenter import AGGREGATES, ENSEMBLES
 
     p = sub.add_parser("segment", help="segment one image: palette PNG label map (+ colour overlay)")
     p.add_argument("image", help="image path or URI")
     p.add_argument("--model", required=True, help="DeconvNet model directory")
     p.add_argument("--fcn-model", help="FCN-8s model directory for the EDeconvNet ensemble")
-    p.add_argument("--proposals", choices=sorted(PROPOSAL_METHODS), default="grid")
-    p.add_argument("--edge-model", help="structured-edge model file for --proposals edgeboxes")
-    p.add_argument("--max-proposals", type=int, default=50)
-    p.add_argument("--aggregate", choices=AGGREGATES, default="max")
-    p.add_argument("--crf", choices=[*sorted(CRF_PRESETS), "none"], default="paper")
+    p.add_argument("--inference", choices=INFERENCE_MODES, default="default",
+                   help="original: what the authors' release does (boxes under 112 px skipped, 50 processed, "
+                        "no whole-image box; black padding; raw scores max-merged from zero, one softmax; "
+                        "EDeconvNet softmax(DeconvNet score * max(0, FCN score)); CRF preset as is: "
+                        "'paper' is the release's, unnormalised kernels). default: the project's (whole image "
+                        "added, boxes under 16 px skipped, mean-colour padding, per-proposal softmax, mean "
+                        "ensemble, normalised CRF kernels)")
+    p.add_argument("--proposals", choices=sorted(PROPOSAL_METHODS),
+                   help="proposal generator (default: edgeboxes with --edge-model, else grid)")
+    p.add_argument("--edge-model", help="structured-edge model file (OpenCV's model.yml.gz), path or URI, "
+                                        "for --proposals edgeboxes; read with --storage-option")
+    p.add_argument("--max-proposals", type=int, default=50, help="boxes processed per image "
+                                                                 "(+ the whole image in --inference default)")
+    p.add_argument("--aggregate", choices=AGGREGATES,
+                   help="merge of proposal maps: pixel-wise max (default; the only one in --inference original) "
+                        "or mean over covering proposals")
+    p.add_argument("--ensemble", choices=ENSEMBLES,
+                   help="with --fcn-model: mean of probabilities (default, the paper's text), product of "
+                        "probabilities, or relu-product (the release's; --inference original)")
+    p.add_argument("--crf", choices=[*sorted(CRF_PRESETS), "none"], default="paper",
+                   help="dense CRF preset: paper (the release's stds and weights), deeplab, or none")
     p.add_argument("--batch-size", type=int, default=32, help="proposals per forward pass")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--out", required=True, help="label map to write (palette PNG)")
     p.add_argument("--overlay", help="colour overlay to write (JPEG)")
     add_storage_option_arg(p)
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("convert-caffe", help="a model directory from the authors' Caffe weights (.caffemodel)")
+    p.add_argument("weights", help=".caffemodel path or URI (DeconvNet, FCN-8s or VGG16)")
+    p.add_argument("--out", required=True, help="model directory URI to write")
+    p.add_argument("--kind", choices=("deconvnet", "fcn8s", "vgg16"), help="default: told from the layer names")
+    p.add_argument("--classes", help="text file of class names, one per line (default: PASCAL VOC's 21)")
+    p.add_argument("--bn-mode", choices=("inference", "learn"),
+                   help="what DeconvNet's BN blobs hold, when the file cannot tell: folded scale/shift "
+                        "(inference model) or learned gamma/beta (training snapshot)")
+    p.add_argument("--seed", type=int, default=0, help="--kind vgg16: seed of the decoder's initialisation")
+    add_storage_option_arg(p)
+    p.set_defaults(func=cmd_convert_caffe)
 
     args = parser.parse_args(argv)
     sub_parser = sub.choices[args.command]

@@ -4,28 +4,38 @@ A generator takes an (H, W, 3) uint8 RGB image and returns candidate boxes,
 best first, as an (K, 4) array of xyxy pixel coordinates inside the image.
 `propose` turns a generator's output into what the network sees:
 
-1. boxes snap to whole pixels; those with a side under `min_side` go, and so do
-   duplicates and the whole-image box (it is added back in step 4);
-2. the first `max_proposals` are kept;
-3. each is enlarged `enlarge` times around its centre, so it may now extend
+1. boxes snap to whole pixels (clipped to the image); duplicates go (`dedupe`),
+   and so does the whole-image box when step 5 adds it back;
+2. each is enlarged `enlarge` times around its centre, so it may now extend
    beyond the image (the crop pads it);
-4. the whole image is appended, unenlarged, so every pixel is covered.
+3. those with a side under `min_side` go, measured on the generator's box or,
+   with `min_side_enlarged`, on the enlarged box rounded to whole pixels;
+4. the first `max_proposals` that are left are kept;
+5. with `whole_image`, the whole image is appended, unenlarged, so every
+   pixel is covered.
 
-So `propose` returns up to `max_proposals + 1` boxes, the whole image last, as
-float32. The same image and config always give the same boxes.
+So `propose` returns up to `max_proposals` (+ 1) boxes as float32. The same
+image and config always give the same boxes. The release's rules (mode
+"original" in `deconvnet.inference`; HyeonwooNoh/DeconvNet
+inference/generate_EDeconvNet_CRF_results.m) are `min_side=112` on the
+enlarged box, no whole-image box, no dedupe: its loop skips a cached,
+already enlarged box whose shorter side is under 112 px and stops after 50
+processed boxes. How much the release enlarged its EdgeBoxes boxes is not in
+its code (the boxes are a downloaded cache); `enlarge` stays 1.2.
 
 Generators (`PROPOSAL_METHODS`):
 - `whole`: only the whole image (the segmenter then sees one 224x224 view).
 - `grid`: multi-scale sliding windows; needs nothing beyond numpy.
 - `selective-search`: OpenCV's selective search, fast mode.
-- `edgeboxes`: OpenCV's EdgeBoxes on structured edges, as the paper used; needs
+- `edgeboxes`: OpenCV's EdgeBoxes on structured edges (the release used
+  EdgeBoxes from pdollar/edges, cached; the release's README.md); needs
   the structured-edge model file (OpenCV's `model.yml.gz`) at `edge_model`.
 The last two need OpenCV's contrib modules (the `selective-search` extra).
 """
 
 from __future__ import annotations
 
-import functools
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -36,18 +46,22 @@ from typing import Any
 import numpy as np
 
 from . import storage
-from .geometry import enlarge_boxes
+from .geometry import enlarge_boxes, integer_boxes
 from .imageio import downscale
 
 
 @dataclass(frozen=True)
 class ProposalConfig:
     method: str = "grid"             # a key of PROPOSAL_METHODS; grid needs no model file
-    max_proposals: int = 50          # the paper segments EdgeBoxes' top 50, plus the whole image
-    enlarge: float = 1.2             # each box grows 1.2x around its centre, as in the paper
+    max_proposals: int = 50          # the release processes 50 boxes per image
+    enlarge: float = 1.2             # each box grows 1.2x around its centre (the paper's training crops)
     # Smaller boxes would be magnified more than 14x to the network's 224 px:
     # they carry no context and would take the place of real objects.
     min_side: int = 16
+    min_side_enlarged: bool = False  # measure min_side on the enlarged box (the release) not the generator's
+    whole_image: bool = True         # append the whole image so every pixel is covered (the release does not)
+    dedupe: bool = True              # drop repeated boxes (the release keeps them; each takes a slot)
+    candidates: int | None = None    # boxes EdgeBoxes is asked for; None: 2 x max_proposals
     # Selective search and EdgeBoxes see the image downscaled to this longer
     # side (None: full size); their cost grows with the pixel count, and
     # 500 px is the size of a PASCAL VOC image.
@@ -70,34 +84,51 @@ class ProposalConfig:
             raise ValueError(f"min_side must be >= 1, got {self.min_side}")
         if self.max_side is not None and self.max_side < 1:
             raise ValueError(f"max_side must be >= 1 or None, got {self.max_side}")
+        if self.candidates is not None and self.candidates < 1:
+            raise ValueError(f"candidates must be >= 1 or None, got {self.candidates}")
+
+    @property
+    def smallest_box(self) -> float:
+        """The smallest side a generator's box can have and still pass `min_side`."""
+        return self.min_side / self.enlarge if self.min_side_enlarged else self.min_side
 
 
-def propose(image: np.ndarray, config: ProposalConfig) -> np.ndarray:
-    """Proposal boxes for one image: (K, 4) float32 xyxy, K <= max_proposals + 1,
-    the whole image `[0, 0, W, H]` last (see the module docstring)."""
+def propose(image: np.ndarray, config: ProposalConfig, storage_options: dict | None = None) -> np.ndarray:
+    """Proposal boxes for one image: (K, 4) float32 xyxy, best first, K <=
+    max_proposals (+ 1: the whole image `[0, 0, W, H]` last, with
+    `whole_image`); see the module docstring. `storage_options` reach the
+    read of `edge_model`."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
     h, w = image.shape[:2]
     whole = np.array([[0, 0, w, h]], dtype=np.float64)  # (1, 4)
+    tail = whole if config.whole_image else np.zeros((0, 4))
     if config.max_proposals == 0:
-        return whole.astype(np.float32)
-    boxes = PROPOSAL_METHODS[config.method](image, config)  # (K, 4), best first
-    boxes = np.clip(np.rint(boxes), 0, [w, h, w, h])
-    sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
-    boxes = boxes[(sides >= config.min_side) & ~np.all(boxes == whole, axis=1)]
-    _, first = np.unique(boxes, axis=0, return_index=True)
-    boxes = boxes[np.sort(first)][: config.max_proposals]  # dedup, keeping the ranking
-    return np.concatenate([enlarge_boxes(boxes, config.enlarge), whole]).astype(np.float32)
+        return tail.astype(np.float32)
+    boxes = PROPOSAL_METHODS[config.method](image, config, storage_options)  # (K, 4), best first
+    boxes = np.clip(np.rint(boxes), 0, [w, h, w, h]).reshape(-1, 4)
+    if config.whole_image:
+        boxes = boxes[~np.all(boxes == whole, axis=1)]
+    if config.dedupe:
+        _, first = np.unique(boxes, axis=0, return_index=True)
+        boxes = boxes[np.sort(first)]  # keeping the ranking
+    grown = enlarge_boxes(boxes, config.enlarge)
+    measured = boxes
+    if config.min_side_enlarged:  # the release's `if min(box_wd, box_ht) < 112, continue; end`
+        grown = measured = integer_boxes(grown).astype(np.float64)
+    sides = np.minimum(measured[:, 2] - measured[:, 0], measured[:, 3] - measured[:, 1])
+    kept = grown[sides >= config.min_side][: config.max_proposals]  # the first max_proposals that pass
+    return np.concatenate([kept, tail]).astype(np.float32)
 
 
 # ---------------------------------------------------------------- generators
 
-def whole_image(image: np.ndarray, config: ProposalConfig) -> np.ndarray:
+def whole_image(image: np.ndarray, config: ProposalConfig, storage_options: dict | None = None) -> np.ndarray:
     h, w = image.shape[:2]
     return np.array([[0, 0, w, h]], dtype=np.float64)
 
 
-def grid(image: np.ndarray, config: ProposalConfig) -> np.ndarray:
+def grid(image: np.ndarray, config: ProposalConfig, storage_options: dict | None = None) -> np.ndarray:
     """Sliding windows at several scales, each with half-window overlap.
 
     Level n (n = 2, 3, ...) tiles the image with n x n windows of 2/(n+1) of
@@ -109,7 +140,7 @@ def grid(image: np.ndarray, config: ProposalConfig) -> np.ndarray:
     """
     h, w = image.shape[:2]
     levels, count, n = [], 0, 2
-    while count < config.max_proposals and min(w, h) * 2 / (n + 1) >= config.min_side:
+    while count < config.max_proposals and min(w, h) * 2 / (n + 1) >= config.smallest_box:
         edges_x = np.rint(np.arange(n + 2) * w / (n + 1))  # window i spans edges i..i+2
         edges_y = np.rint(np.arange(n + 2) * h / (n + 1))
         x1, y1 = np.meshgrid(edges_x[:n], edges_y[:n])
@@ -121,7 +152,7 @@ def grid(image: np.ndarray, config: ProposalConfig) -> np.ndarray:
     return _interleave(levels)
 
 
-def selective_search(image: np.ndarray, config: ProposalConfig) -> np.ndarray:
+def selective_search(image: np.ndarray, config: ProposalConfig, storage_options: dict | None = None) -> np.ndarray:
     """OpenCV's selective search (fast mode) on the image downscaled to `max_side`.
 
     OpenCV ranks its boxes with C's `rand()`, which `cv2.setRNGSeed` does not
@@ -144,23 +175,24 @@ def selective_search(image: np.ndarray, config: ProposalConfig) -> np.ndarray:
     return _interleave([g[_spread_order(g)] for g in groups]) / scale
 
 
-def edgeboxes(image: np.ndarray, config: ProposalConfig) -> np.ndarray:
-    """EdgeBoxes (Zitnick and Dollar, 2014) on structured edges, as the paper used;
-    OpenCV's default parameters, boxes in order of their objectness score."""
+def edgeboxes(image: np.ndarray, config: ProposalConfig, storage_options: dict | None = None) -> np.ndarray:
+    """EdgeBoxes (Zitnick and Dollar, 2014) on structured edges, the paper's
+    proposals; OpenCV's default parameters, boxes in order of their objectness
+    score. The edge model is read with `storage_options`."""
     cv2 = _cv2()
-    detector = _edge_detector(config.edge_model)
+    detector = _edge_detector(config.edge_model, storage_options)
     small, scale = downscale(image, config.max_side)
     edges = detector.detectEdges(small.astype(np.float32) / 255)  # wants RGB in [0, 1]
     orientation = detector.computeOrientation(edges)
     edges = detector.edgesNms(edges, orientation)
-    # Twice the boxes that are kept: headroom for those the min_side filter drops.
-    finder = cv2.ximgproc.createEdgeBoxes(maxBoxes=2 * config.max_proposals)
+    # By default twice the boxes that are kept: headroom for those the min_side filter drops.
+    finder = cv2.ximgproc.createEdgeBoxes(maxBoxes=config.candidates or 2 * config.max_proposals)
     xywh, _ = finder.getBoundingBoxes(edges, orientation)
     xywh = np.asarray(xywh, dtype=np.float64).reshape(-1, 4)  # (K, 4)
     return np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1) / scale
 
 
-ProposalFn = Callable[[np.ndarray, ProposalConfig], np.ndarray]
+ProposalFn = Callable[[np.ndarray, ProposalConfig, "dict | None"], np.ndarray]
 
 PROPOSAL_METHODS: dict[str, ProposalFn] = {
     "whole": whole_image,
@@ -209,13 +241,25 @@ def _cv2() -> Any:
     return cv2
 
 
-@functools.lru_cache(maxsize=4)
-def _edge_detector(model_uri: str) -> Any:
-    """The structured-edge detector, loaded once per process and model. OpenCV
-    reads only local files, so the model goes through a temporary copy; the name
-    keeps its suffixes because OpenCV tells a gzipped model by its `.gz`."""
+_EDGE_DETECTORS: dict[tuple[str, str], Any] = {}  # (uri, storage options as JSON) -> detector
+
+
+def _edge_detector(model_uri: str, storage_options: dict | None = None) -> Any:
+    """The structured-edge detector, loaded once per process, model and storage
+    options (the options are unhashable dicts, hence no lru_cache)."""
+    key = (model_uri, json.dumps(storage_options or {}, sort_keys=True, default=str))
+    if key not in _EDGE_DETECTORS:
+        if len(_EDGE_DETECTORS) >= 4:
+            _EDGE_DETECTORS.pop(next(iter(_EDGE_DETECTORS)))
+        _EDGE_DETECTORS[key] = _load_edge_detector(model_uri, storage_options)
+    return _EDGE_DETECTORS[key]
+
+
+def _load_edge_detector(model_uri: str, storage_options: dict | None) -> Any:
+    """OpenCV reads only local files, so the model goes through a temporary copy;
+    the name keeps its suffixes because OpenCV tells a gzipped model by its `.gz`."""
     cv2 = _cv2()
-    data = storage.read_bytes(model_uri)
+    data = storage.read_bytes(model_uri, storage_options)
     suffix = "".join(PurePosixPath(model_uri).suffixes)
     fd, path = tempfile.mkstemp(suffix=suffix)
     try:

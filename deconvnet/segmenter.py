@@ -6,10 +6,23 @@ batches, paste the maps back and merge them per image (the paper, section 4).
 
 For each image (H, W, 3 uint8) and its boxes (K, 4 xyxy pixels, may leave the
 image): every box is rounded to whole pixels, cropped from the image padded by
-its own size on each side (zeros after normalisation, i.e. the mean colour),
-resized bilinearly to 224x224, and the network's softmax is resized back to the
-box and merged into an image-sized C x H x W map by pixel-wise maximum (from
-zeros, as the original) or by mean over the proposals that cover each pixel.
+its own size on each side, resized bilinearly to 224x224, and the network's
+output is resized back to the box and merged into an image-sized C x H x W map
+by pixel-wise maximum (from zeros) or by mean over the proposals that cover
+each pixel. Three fields choose the semantics (`deconvnet.inference` sets them
+per mode):
+- `merge`: "softmax" merges each proposal's softmax and renormalises the
+  merged map over classes; "raw" merges the raw scores, so with "max" from a
+  zero map a negative score never counts, and the softmax is taken once, of
+  the aggregate (the release, HyeonwooNoh/DeconvNet
+  inference/generate_EDeconvNet_CRF_results.m: `padded_prob_base(box) =
+  max(padded_prob_base(box), segImg)` from zeros, softmax before the CRF).
+- `pad`: "mean" pads with the mean colour (zeros after normalisation);
+  "black" pads with 0 before the mean is subtracted, as the release's
+  `padarray(I, ...)` then inference/util/preprocess_image_bb.m.
+- `ensemble` (with FCN-8s): "mean" or "product" of the two probability maps;
+  "relu-product" is the release's `ens_score = deconv_score .* max(0,
+  fcn_score)` on raw scores, then softmax (needs merge "raw").
 
 Proposals of many images are packed into forward batches of exactly
 `batch_size` crops (the last one may be short), cropped lazily per batch, so
@@ -33,23 +46,34 @@ from .geometry import integer_boxes
 from .weights import ModelInfo, load_model_dir
 
 AGGREGATES = ("max", "mean")
-ENSEMBLES = ("mean", "product")
+MERGES = ("softmax", "raw")
+PADS = ("mean", "black")
+ENSEMBLES = ("mean", "product", "relu-product")
 
 
 @dataclass(frozen=True)
 class SegmenterConfig:
     batch_size: int = 32  # proposals per forward; bounds activation memory
     input_size: int = 224  # the network's proposal size, as trained
-    aggregate: str = "max"  # "max" (the paper) or "mean" over covering proposals
-    ensemble: str = "mean"  # with FCN-8s: "mean" of probabilities (paper) or "product"
+    aggregate: str = "max"  # "max" (the paper, from zeros) or "mean" over covering proposals
+    merge: str = "softmax"  # what is merged: each proposal's "softmax", or "raw" scores (the release)
+    pad: str = "mean"  # outside the image: the "mean" colour, or "black" (0 before the mean, the release)
+    ensemble: str = "mean"  # with FCN-8s: "mean" (the paper's text), "product" or "relu-product" (the release)
     dtype: str = "auto"  # "auto" = bf16 on CUDA, fp32 on CPU; or "fp32" / "bf16"
     channels_last: bool | None = None  # None = on for CUDA
 
     def __post_init__(self):
         if self.aggregate not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
+        if self.merge not in MERGES:
+            raise ValueError(f"merge must be one of {MERGES}, got {self.merge!r}")
+        if self.pad not in PADS:
+            raise ValueError(f"pad must be one of {PADS}, got {self.pad!r}")
         if self.ensemble not in ENSEMBLES:
             raise ValueError(f"ensemble must be one of {ENSEMBLES}, got {self.ensemble!r}")
+        if self.ensemble == "relu-product" and self.merge != "raw":
+            raise ValueError("ensemble 'relu-product' multiplies raw scores: it needs merge='raw', "
+                             f"got merge={self.merge!r}")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise ValueError(f"dtype must be auto, fp32 or bf16, got {self.dtype!r}")
         if self.batch_size < 1 or self.input_size % 32:
@@ -65,15 +89,21 @@ def normalise(pixels: torch.Tensor, info: ModelInfo) -> torch.Tensor:
     return (pixels - mean) / std
 
 
-def crop_boxes(image: torch.Tensor, boxes: np.ndarray, size: int) -> torch.Tensor:
+def crop_boxes(image: torch.Tensor, boxes: np.ndarray, size: int,
+               fill: torch.Tensor | None = None) -> torch.Tensor:
     """Crop integer boxes from a normalised (3, H, W) image and resize each to
-    size x size bilinearly: (K, 3, size, size). Outside the image is zero.
+    size x size bilinearly: (K, 3, size, size). Outside the image is zero, or
+    the (3,) `fill` colour (bilinear weights sum to 1, so cropping image - fill
+    and adding fill back pads with fill).
 
     Output pixel u of a box [x1, x2) samples image coordinate
     x1 + (u + 0.5) * (x2 - x1) / size - 0.5, i.e. the box's own pixels resized
     with half-pixel centres, the same convention `interpolate` uses.
     """
     _, h, w = image.shape
+    if fill is not None:
+        fill = fill.to(image.dtype).view(3, 1, 1)
+        return crop_boxes(image - fill, boxes, size) + fill
     b = torch.as_tensor(boxes, dtype=torch.float32, device=image.device)  # (K, 4)
     x1, y1, x2, y2 = b.unbind(1)
     theta = torch.zeros(len(b), 2, 3, device=image.device)
@@ -102,14 +132,10 @@ class MergedMap:
         self.scores = torch.zeros(num_classes, height, width, device=device)  # (C, H, W)
         self.count = torch.zeros(1, height, width, device=device) if aggregate == "mean" else None
 
-    def paste(self, probs: torch.Tensor, box: Sequence[int]) -> None:
-        """Resize one proposal's (C, s, s) map to its box and merge the part of
-        the box that lies inside the image."""
-        self.paste_many(probs[None], np.asarray([box], dtype=np.int64))
-
     def paste_many(self, probs: torch.Tensor, boxes: np.ndarray) -> None:
-        """`paste` for (K, C, s, s) maps and their (K, 4) integer boxes, with no
-        loop over proposals: boxes of one size (a grid proposal generator gives a
+        """Resize (K, C, s, s) maps (probabilities or raw scores) to their (K, 4)
+        integer boxes and merge the part of each box that lies inside the image,
+        with no loop over proposals: boxes of one size (a grid proposal generator gives a
         handful of sizes) are resized in one `interpolate` and merged in one
         scatter. Pixels outside the image are sent to pixel 0 with weight 0,
         which neither max (the scores start at 0) nor mean notices, so nothing
@@ -136,9 +162,13 @@ class MergedMap:
                 flat.scatter_add_(1, index.expand(c, -1), src)
                 self.count.view(1, h * w).scatter_add_(1, index, weight.reshape(1, -1))
 
+    def merged(self) -> torch.Tensor:
+        """(C, H, W): the max, or the mean over covering proposals; 0 where none covers."""
+        return self.scores if self.count is None else self.scores / self.count.clamp(min=1)
+
     def result(self) -> torch.Tensor:
-        """(C, H, W) probabilities: the merged scores renormalised over classes."""
-        s = self.scores if self.count is None else self.scores / self.count.clamp(min=1)
+        """(C, H, W) probabilities from merged probabilities: renormalised over classes."""
+        s = self.merged()
         return s / s.sum(0, keepdim=True).clamp(min=1e-12)
 
 
@@ -189,11 +219,20 @@ class Segmenter:
         return t.permute(2, 0, 1).float()  # (3, H, W), 0..255
 
     def _forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Raw scores (B, C, h, w), float32."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             logits = model(x)
-        return logits.float().softmax(1)  # (B, C, h, w)
+        return logits.float()
+
+    def _pad_fill(self) -> torch.Tensor | None:
+        """The normalised colour outside the image: None (zeros, the mean colour)
+        or black, raw 0 minus the mean ("padarray" before preprocess_image_bb.m
+        subtracts the mean, in the release)."""
+        if self.config.pad == "mean":
+            return None
+        return normalise(torch.zeros(3, 1, 1, device=self.device), self.info).view(3)
 
     @torch.inference_mode()
     def segment(self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -202,6 +241,7 @@ class Segmenter:
         cfg, s = self.config, self.config.input_size
         raw = [self._to_device(im) for im in images]  # (3, H, W) each
         normed = [normalise(r, self.info) for r in raw]
+        fill = self._pad_fill()
         merged = [MergedMap(self.num_classes, r.shape[1], r.shape[2], cfg.aggregate, self.device) for r in raw]
         int_boxes = [integer_boxes(b) for b in boxes]
         # Every (image, box) pair in order, cut into forward batches of batch_size.
@@ -210,20 +250,34 @@ class Segmenter:
         for start in range(0, len(flat), cfg.batch_size):
             idx = slice(start, start + cfg.batch_size)
             who, bx = owner[idx], flat[idx]  # `who` is sorted: images are contiguous
-            crops = torch.cat([crop_boxes(normed[i], bx[who == i], s) for i in np.unique(who)])  # (B, 3, s, s)
-            probs = self._forward(self.model, crops)  # (B, C, s, s), rows in the order of bx
+            crops = torch.cat([crop_boxes(normed[i], bx[who == i], s, fill)
+                               for i in np.unique(who)])  # (B, 3, s, s)
+            maps = self._forward(self.model, crops)  # (B, C, s, s), rows in the order of bx
+            if cfg.merge == "softmax":
+                maps = maps.softmax(1)
             for i in np.unique(who):
                 mine = np.flatnonzero(who == i)
-                merged[i].paste_many(probs[mine[0]: mine[-1] + 1], bx[mine])  # contiguous rows
-        out = [m.result() for m in merged]
-        if self.fcn is not None:
-            out = [self._ensemble(p, r) for p, r in zip(out, raw)]
+                merged[i].paste_many(maps[mine[0]: mine[-1] + 1], bx[mine])  # contiguous rows
+        out = []
+        for m, r in zip(merged, raw):
+            scores = m.merged()  # (C, H, W) merged probabilities or raw scores
+            if self.fcn is not None:
+                out.append(self._ensemble(scores, r))
+            else:
+                out.append(scores.softmax(0) if cfg.merge == "raw" else m.result())
         return [p.cpu().numpy() for p in out]
 
-    def _ensemble(self, probs: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
-        """EDeconvNet: combine with FCN-8s run on the whole image."""
-        fcn = self._forward(self.fcn, normalise(raw, self.fcn_info)[None])[0]  # (C, H, W)
-        if self.config.ensemble == "mean":  # the paper's rule
+    def _ensemble(self, merged: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+        """EDeconvNet: combine the merged map with FCN-8s run on the whole image."""
+        cfg = self.config
+        fcn = self._forward(self.fcn, normalise(raw, self.fcn_info)[None])[0]  # (C, H, W) raw scores
+        if cfg.ensemble == "relu-product":
+            # The release (inference/generate_EDeconvNet_CRF_results.m): fcn_score = max(0, fcn_score);
+            # ens_score = deconv_score .* fcn_score; prob_map = softmax(ens_score).
+            return (merged * fcn.clamp(min=0)).softmax(0)
+        probs = merged.softmax(0) if cfg.merge == "raw" else merged / merged.sum(0, keepdim=True).clamp(min=1e-12)
+        fcn = fcn.softmax(0)
+        if cfg.ensemble == "mean":  # the paper's text: the mean of the two outputs
             return (probs + fcn) / 2
-        prod = probs.clamp(min=0) * fcn.clamp(min=0)  # the original code's product
+        prod = probs * fcn  # a product of probabilities, renormalised
         return prod / prod.sum(0, keepdim=True).clamp(min=1e-12)

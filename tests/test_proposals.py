@@ -65,7 +65,7 @@ def test_small_duplicate_and_whole_boxes_are_dropped_in_rank_order(image, monkey
         [50, 40, 90, 80],      # a duplicate of the third
         [-5, 0, 40, 130],      # clipped to the image
     ])
-    monkeypatch.setitem(PROPOSAL_METHODS, "grid", lambda img, cfg: ranked)
+    monkeypatch.setitem(PROPOSAL_METHODS, "grid", lambda img, cfg, opts=None: ranked)
     boxes = propose(image, ProposalConfig(min_side=16, enlarge=1.0))
     np.testing.assert_array_equal(
         boxes, [[50, 40, 90, 80], [5, 5, 60, 60], [0, 0, 40, 120], [0, 0, 160, 120]])

@@ -16,14 +16,19 @@ def one_hot_map(c: int, cls: int, s: int) -> torch.Tensor:
     return m
 
 
+def paste(m: MergedMap, one: torch.Tensor, box: tuple[int, int, int, int]) -> None:
+    """One (C, s, s) map into its box, through the batched paste."""
+    m.paste_many(one[None], np.asarray([box], dtype=np.int64))
+
+
 def test_max_merge_of_a_corner_box_and_two_overlapping_boxes():
     m = MergedMap(3, 6, 8, "max", "cpu")
     corner = one_hot_map(3, 1, 4) * 0.9  # class 1 at 0.9 in the top-left corner
-    m.paste(corner, (0, 0, 3, 2))
+    paste(m, corner, (0, 0, 3, 2))
     a = torch.zeros(3, 4, 4); a[2] = 0.6; a[0] = 0.4
     b = torch.zeros(3, 4, 4); b[2] = 0.3; b[0] = 0.7
-    m.paste(a, (2, 1, 6, 5))
-    m.paste(b, (4, 3, 8, 6))
+    paste(m, a, (2, 1, 6, 5))
+    paste(m, b, (4, 3, 8, 6))
     s = m.scores
     assert torch.allclose(s[1, :2, :3], torch.tensor(0.9)) and s[1, 2:].sum() == 0
     assert torch.allclose(s[2, 1:5, 2:6], torch.tensor(0.6))  # box a, max over b's 0.3 where they overlap
@@ -38,8 +43,8 @@ def test_mean_merge_averages_over_covering_proposals_only():
     m = MergedMap(2, 4, 4, "mean", "cpu")
     a = torch.zeros(2, 2, 2); a[1] = 0.8; a[0] = 0.2
     b = torch.zeros(2, 2, 2); b[1] = 0.4; b[0] = 0.6
-    m.paste(a, (0, 0, 4, 4))
-    m.paste(b, (2, 2, 4, 4))
+    paste(m, a, (0, 0, 4, 4))
+    paste(m, b, (2, 2, 4, 4))
     p = m.result()
     assert torch.allclose(p[1, 0, 0], torch.tensor(0.8))  # covered once
     assert torch.allclose(p[1, 3, 3], torch.tensor(0.6))  # (0.8 + 0.4) / 2
@@ -91,14 +96,14 @@ def ramp(c: int, s: int) -> torch.Tensor:
 
 def test_paste_back_is_exact_for_a_box_touching_the_border():
     m = MergedMap(1, 10, 12, "max", "cpu")
-    m.paste(ramp(1, 4), (8, 6, 12, 10))  # bottom-right corner, same size: no resampling
+    paste(m, ramp(1, 4), (8, 6, 12, 10))  # bottom-right corner, same size: no resampling
     assert torch.equal(m.scores[0, 6:10, 8:12], ramp(1, 4)[0])
     assert m.scores[0, :6].sum() == 0 and m.scores[0, :, :8].sum() == 0
 
 
 def test_paste_back_is_exact_for_a_box_leaving_the_image():
     m = MergedMap(1, 10, 12, "max", "cpu")
-    m.paste(ramp(1, 8) + 1, (-3, 5, 5, 13))  # 3 columns left of the image, 3 rows below it
+    paste(m, ramp(1, 8) + 1, (-3, 5, 5, 13))  # 3 columns left of the image, 3 rows below it
     expect = ramp(1, 8)[0, :5, 3:] + 1  # rows 0..4 (image rows 5..9), columns 3..7 (image cols 0..4)
     assert torch.equal(m.scores[0, 5:10, 0:5], expect)
     assert m.scores.sum() == expect.sum()
