@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 from . import storage
 
@@ -19,3 +20,16 @@ def storage_options_from(parser: argparse.ArgumentParser, items: list[str]) -> d
         return dict(storage.parse_storage_option(s) for s in items)
     except ValueError as e:
         parser.error(str(e))
+
+
+def flags_of(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """{config field: its flag}, read from the parser itself: each option's
+    `dest` is the config field it sets, so the mapping lives in one place."""
+    return {a.dest: next(o for o in a.option_strings if o.startswith("--"))
+            for a in parser._actions if any(o.startswith("--") for o in a.option_strings)}
+
+
+def config_error(error: ValueError, flags: dict[str, str]) -> str:
+    """A config's ValueError for a user: each `field` it names (in backquotes)
+    becomes the flag that sets it, or the bare field name when none does."""
+    return re.sub(r"`(\w+)`", lambda m: flags.get(m.group(1), m.group(1)), str(error))

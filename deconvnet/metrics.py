@@ -5,7 +5,7 @@ number of label maps; rows are ground truth, columns prediction. Pixels whose
 ground truth is the ignore label (255, VOC's object borders) or outside
 [0, C) are not counted. Per-class IoU = TP / (TP + FP + FN); the VOC score is
 the mean over classes. Accumulators from several processes (DDP workers) add
-up: `a + b`, `a.merge(b)`, or an all-reduce of `.matrix` and `from_matrix`.
+up through an all-reduce of `.matrix` and `from_matrix`.
 """
 
 from __future__ import annotations
@@ -68,19 +68,6 @@ class ConfusionMatrix:
             raise ValueError(f"predictions must lie in [0, {c}), got [{p.min()}, {p.max()}]")
         self.matrix += np.bincount(c * t + p, minlength=c * c).reshape(c, c)
         return self
-
-    def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
-        """Add another accumulator's counts into this one (in place)."""
-        if other.matrix.shape != self.matrix.shape:
-            raise ValueError(f"cannot merge {other.num_classes} classes into {self.num_classes}")
-        self.matrix += other.matrix
-        return self
-
-    def __add__(self, other: ConfusionMatrix) -> ConfusionMatrix:
-        return ConfusionMatrix.from_matrix(self.matrix, self.ignore_index).merge(other)
-
-    def reset(self) -> None:
-        self.matrix[:] = 0
 
     def __repr__(self) -> str:
         return (f"ConfusionMatrix(num_classes={self.num_classes}, pixels={int(self.matrix.sum())}, "

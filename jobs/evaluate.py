@@ -53,8 +53,7 @@ import pyarrow.compute as pc
 from deconvnet import storage
 from deconvnet.cli import add_storage_option_arg, storage_options_from
 from deconvnet.metrics import ConfusionMatrix
-from deconvnet.training import VAL_LIST, VocItem, read_list
-from deconvnet.voc import decode_label_png
+from deconvnet.voc import VAL_LIST, decode_label_png, read_list
 from deconvnet.weights import read_model_info
 from pipeline.outputs import iter_rows, latest_rows, read_predictions
 
@@ -123,16 +122,17 @@ def class_names(predictions: str, row: dict[str, Any], num_classes: int, storage
     return list(info.classes)
 
 
-def listed_items(ground_truth: str, list_uri: str | None, predicted_ids: set[str],
-                 storage_options=None) -> tuple[list[VocItem], str]:
-    """(the ground-truth items to score, where the list came from)."""
+def listed_labels(ground_truth: str, list_uri: str | None, predicted_ids: set[str],
+                  storage_options=None) -> tuple[list[tuple[str, str]], str]:
+    """((id, ground-truth label URI) of every image to score, where the list came from)."""
     if list_uri is None:
         val = storage.join(ground_truth, VAL_LIST)
         if storage.exists(val, storage_options):
             list_uri = val
     if list_uri is not None:
         try:
-            return read_list(ground_truth, list_uri, has_objects=False, storage_options=storage_options), list_uri
+            items = read_list(ground_truth, list_uri, has_objects=False, storage_options=storage_options)
+            return [(item.id, item.classes) for item in items], list_uri
         except FileNotFoundError:
             raise ValueError(f"--list: no such file {list_uri}") from None
     try:
@@ -140,25 +140,25 @@ def listed_items(ground_truth: str, list_uri: str | None, predicted_ids: set[str
     except FileNotFoundError:
         raise ValueError(f"--ground-truth: no SegmentationClass/ under {ground_truth} "
                          f"(expected the PASCAL VOC layout)") from None
-    items = [VocItem(image_id(u), "", u, None) for u in labels if image_id(u) in predicted_ids]
-    return items, "every ground-truth id with a prediction"
+    listed = [(image_id(u), u) for u in labels if image_id(u) in predicted_ids]
+    return listed, "every ground-truth id with a prediction"
 
 
-def match(items: list[VocItem], rows: list[dict[str, Any]]) -> tuple[list[Pair], list[str]]:
+def match(listed: list[tuple[str, str]], rows: list[dict[str, Any]]) -> tuple[list[Pair], list[str]]:
     """(pairs of mask and ground truth, listed ids without a prediction).
     EvaluationFailed when an id names more than one predicted image."""
     by_id: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by_id.setdefault(image_id(r["image_uri"]), []).append(r)
     pairs, missing, ambiguous = [], [], []
-    for item in items:
-        found = by_id.get(item.id, [])
+    for id_, label in listed:
+        found = by_id.get(id_, [])
         if len(found) > 1:
-            ambiguous.append(f"{item.id} ({', '.join(sorted(r['image_uri'] for r in found))})")
+            ambiguous.append(f"{id_} ({', '.join(sorted(r['image_uri'] for r in found))})")
         elif found:
-            pairs.append(Pair(item.id, found[0]["mask_uri"], item.classes))
+            pairs.append(Pair(id_, found[0]["mask_uri"], label))
         else:
-            missing.append(item.id)
+            missing.append(id_)
     if ambiguous:
         raise EvaluationFailed(f"{len(ambiguous)} ids name several predicted images: {_named(ambiguous)}; "
                                f"segment one image per id, or evaluate a narrower --predictions")
@@ -232,26 +232,26 @@ def main(argv: list[str] | None = None) -> int:
                      f"(expected the segment job's --output)")
     try:
         model_id, rows = pick_model(rows, a.model_id)
-        items, source = listed_items(a.ground_truth, a.list, {image_id(r["image_uri"]) for r in rows}, opts)
+        listed, source = listed_labels(a.ground_truth, a.list, {image_id(r["image_uri"]) for r in rows}, opts)
     except ValueError as e:
         parser.error(str(e))
     except OSError as e:  # unreachable endpoint, bad credentials
         parser.error(f"--ground-truth: cannot read {a.ground_truth}: {type(e).__name__}: {e}")
-    if not items:
+    if not listed:
         parser.error(f"--ground-truth: nothing to score ({source} under {a.ground_truth})")
     sizes = {len(r["class_pixels"]) for r in rows}
     assert len(sizes) == 1, f"rows of one model with different class counts: {sizes}"
     (num_classes,) = sizes
     out = a.out or storage.join(a.predictions, "eval")
     try:
-        pairs, missing = match(items, rows)
+        pairs, missing = match(listed, rows)
         if missing and not a.allow_missing:
             raise EvaluationFailed(
-                f"{len(missing)} of {len(items)} listed ids have no prediction by model {model_id} under "
+                f"{len(missing)} of {len(listed)} listed ids have no prediction by model {model_id} under "
                 f"{a.predictions}: {_named(missing)}; label them, or pass --allow-missing to score the "
                 f"{len(pairs)} that have one")
         if not pairs:
-            raise EvaluationFailed(f"none of the {len(items)} listed ids has a prediction under {a.predictions}")
+            raise EvaluationFailed(f"none of the {len(listed)} listed ids has a prediction under {a.predictions}")
         cm = score(pairs, num_classes, opts)
     except EvaluationFailed as e:
         print(f"evaluate.py: {e}", file=sys.stderr)

@@ -26,7 +26,8 @@ IoU in the paper's Table 1 layout), val_iou.csv, history.csv, curves.png
 The driver only checks the arguments and builds ScalingConfig, RunConfig and
 the TorchTrainer; all training is `train_loop_per_worker(config)`, on every
 worker (`--num-workers 0` runs it in this process, Ray Train's local mode,
-with no checkpoints: for debugging). The torch parts are deconvnet/training.py.
+with no checkpoints: for debugging). The torch parts are deconvnet/training.py,
+crops.py, voc.py and rundir.py.
 Exit codes: 0 done (or nothing to do), 1 training failed, 2 a bad argument.
 """
 
@@ -34,19 +35,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-
-from deconvnet import storage, training
-from deconvnet.cli import add_storage_option_arg, storage_options_from
-from deconvnet.proposals import PROPOSAL_METHODS, ProposalConfig
-from deconvnet.training import RECIPES, TrainConfig, config_for
+from deconvnet import crops, rundir, storage, training
+from deconvnet.cli import add_storage_option_arg, config_error, flags_of, storage_options_from
+from deconvnet.proposals import ProposalConfig
 from deconvnet.records import now_iso
+from deconvnet.training import RECIPES, TRAINING_PROPOSALS, TrainConfig, config_for
+from deconvnet.voc import TRAIN_LIST, VAL_LIST, VocDataset, open_train_val
 from deconvnet.weights import ModelInfo, read_model_info
 
 if TYPE_CHECKING:
@@ -60,10 +61,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The whole training, on one DDP rank: restore the latest checkpoint if
     any, then steps of `training.train_step`, with evaluation, results and a
     checkpoint every `eval_every` steps, and the export at the end.
-
-    `config["train"]` is the TrainConfig. `config["fault"]` is a test hook:
-    `{"rank", "step", "marker"}` makes that rank exit its process at that step,
-    once (the marker object records that it did).
+    `config["train"]` is the TrainConfig.
     """
     # Imports here, not at the top: this function is pickled by value, and
     # cloudpickle cannot pickle torch's pseudo-modules that a global `torch` drags in.
@@ -81,34 +79,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            model, info, state, optimizer_state = training.load_checkpoint(d)
+            model, info, state, optimizer_state = rundir.load_checkpoint(d)
         state.resumed_from.append(state.step)
         say(f"resuming {cfg.name} from step {state.step}")
     else:
-        (model, info), state, optimizer_state = training.initial_model(cfg), training.TrainState(), None
+        (model, info), state, optimizer_state = training.initial_model(cfg), rundir.TrainState(), None
     training.autotune_convolutions(device)
     model = ray.train.torch.prepare_model(model)  # DDP (nccl on GPU, gloo on CPU), on `device`
     optimizer = training.make_optimizer(training.unwrap(model), cfg)
     if optimizer_state:
         optimizer.load_state_dict(optimizer_state)  # after the move: its tensors follow the params' device
 
-    train, val = training.open_voc(cfg)
+    train, val = open_train_val(cfg.data, cfg.extra_train_lists, cfg.storage_options)
     say(f"{len(train)} training and {len(val)} val images, {len(info.classes)} classes; global batch "
-        f"{cfg.batch_size} = {world} workers x {cfg.accumulation} x {cfg.micro_batch}")
-    per_rank = cfg.batch_size // world
+        f"{cfg.batch_size} = {world} workers x {cfg.accumulation} forwards x {cfg.crops_per_forward} crops")
     batches, loader_stage, window, tick = None, 0, [], time.perf_counter()
     while state.step < cfg.total_steps:
-        _maybe_fail(config.get("fault"), cfg, rank, state.step)
         stage = cfg.stage_of(state.step)
         if stage != loader_stage:  # each stage has its own sample stream, restored by position
             first = 0 if stage == 1 else cfg.stage1_steps
-            batches = training.crop_loader(training.CropDataset(train, stage, cfg, info), cfg, rank, world,
-                                           start=(state.step - first) * per_rank,
-                                           pin_memory=device.type == "cuda")
+            batches = crops.crop_loader(_stage_dataset(train, stage, cfg, info, say), cfg, rank, world,
+                                        start=(state.step - first) * cfg.per_rank,
+                                        pin_memory=device.type == "cuda")
             loader_stage = stage
         lr = training.learning_rate(cfg, state.step)
-        micro = [next(batches) for _ in range(cfg.accumulation)]
-        window.append(training.train_step(model, optimizer, micro, lr, device))
+        forwards = [next(batches) for _ in range(cfg.accumulation)]
+        window.append(training.train_step(model, optimizer, forwards, lr, device))
         state.step += 1
         evaluate_now = state.step % cfg.eval_every == 0 or state.step in (cfg.stage1_steps, cfg.total_steps)
         if state.step % cfg.log_every == 0 or evaluate_now:
@@ -122,14 +118,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _evaluate_and_report(model, optimizer, info, val, cfg, state, rank, world, device)
 
     if rank == 0:
-        exported = training.export_model(model, info, cfg, state) if cfg.export else None
-        training.write_final(cfg, state, exported)
+        net = training.unwrap(model)
+        exported = rundir.export_model(net, info, cfg, state) if cfg.export else None
+        rundir.write_final(cfg, state, exported)
         if exported:
             say(f"exported {cfg.export} (model id {exported.model_id})")
 
 
+def _stage_dataset(train: VocDataset, stage: int, cfg: TrainConfig, info: ModelInfo,
+                   say: Callable[[str], None]) -> crops.CropDataset:
+    """The stage's crops; stage 1 with classes balanced by repetition when the recipe says so."""
+    entries = None
+    if stage == 1 and cfg.balance_classes:
+        t0 = time.perf_counter()
+        entries = crops.class_balanced_entries(train.classes_present())
+        say(f"stage 1: {len(entries)} class-balanced entries over {len(train)} images "
+            f"({time.perf_counter() - t0:.1f} s to read the labels)")
+    return crops.CropDataset(train, stage, cfg, info, entries)
+
+
 def _evaluate_and_report(model: torch.nn.Module, optimizer: torch.optim.Optimizer, info: ModelInfo,
-                         val: training.VocDataset, cfg: TrainConfig, state: training.TrainState,
+                         val: VocDataset, cfg: TrainConfig, state: rundir.TrainState,
                          rank: int, world: int, device: torch.device) -> None:
     """Val confusion matrix over all ranks (each takes every world-th image),
     the results files, and one `ray.train.report` with the checkpoint.
@@ -156,9 +165,9 @@ def _evaluate_and_report(model: torch.nn.Module, optimizer: torch.optim.Optimize
     if rank == 0:
         _say(f"val after step {state.step}: mean IoU {cm.mean_iou():.4f}, pixel accuracy "
              f"{cm.pixel_accuracy():.4f}\n{cm.table(info.classes, name='IoU %')}")
-        training.write_results(cfg, state, cm, info.classes)
+        rundir.write_results(cfg, state, cm, info.classes)
         with tempfile.TemporaryDirectory() as d:
-            training.save_checkpoint(d, net, info, optimizer, state)
+            rundir.save_checkpoint(d, net, info, optimizer, state)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
     else:
         ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
@@ -171,19 +180,11 @@ def _say(text: str) -> None:
     sys.stdout.flush()
 
 
-def _maybe_fail(fault: dict[str, Any] | None, cfg: TrainConfig, rank: int, step: int) -> None:
-    """Test hook: a real process death of one worker, once per marker object."""
-    if not fault or rank != fault["rank"] or step != fault["step"]:
-        return
-    if storage.exists(fault["marker"], cfg.storage_options):
-        return
-    storage.write_bytes(fault["marker"], f"rank {rank} exited at step {step}\n".encode(), cfg.storage_options)
-    os._exit(1)
-
-
 # ------------------------------------------------------------------- driver
 
 def build_parser() -> argparse.ArgumentParser:
+    """Each option's `dest` is the TrainConfig field it sets (`flags_of` reads
+    the field -> flag mapping back from here, for error messages)."""
     paper = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
     def default(name: str) -> str:
@@ -195,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="URI",
                    help="PASCAL VOC-layout root URI: JPEGImages/, SegmentationClass/ (palette PNGs, "
                         "255 = ignore), SegmentationObject/ when present, ImageSets/Segmentation/{train,val}.txt")
-    p.add_argument("--extra-train-list", action="append", default=[], metavar="URI",
+    p.add_argument("--extra-train-list", dest="extra_train_lists", action="append", default=[], metavar="URI",
                    help="another training list (repeatable), e.g. SBD-augmented ids; lines are ids or "
                         "'IMAGE LABEL' paths relative to --data; val images in it are dropped")
     p.add_argument("--storage", required=True, metavar="URI", help="URI under which <name>/ holds checkpoints and results")
@@ -204,29 +205,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="architecture (without --init) and recipe defaults: 'paper' is the published "
                         "network and solver, 'tiny' a small net for CPUs and tests (default: paper)")
     p.add_argument("--init", metavar="URI",
-                   help="model directory to start from, e.g. from `python -m deconvnet init --vgg16 ...`; "
-                        "its classes are used (default: VOC's 21 classes, random encoder)")
+                   help="model directory to start from, e.g. from `python -m deconvnet init --vgg16 ...` or "
+                        "`python -m deconvnet convert-caffe --kind vgg16 ...`; its classes are used. A paper "
+                        "run needs it, or --random-encoder")
+    p.add_argument("--random-encoder", action="store_true", default=None,
+                   help="without --init, start the paper preset from a random encoder (VOC's 21 classes) "
+                        "on purpose; it trains far worse than from ImageNet weights")
     p.add_argument("--num-workers", type=int, help="DDP workers, one GPU each with --use-gpu; "
                                                    "0 runs in this process without checkpoints" + default("num_workers"))
-    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (nccl, bf16 autocast)")
+    p.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker (nccl, bf16 autocast)")
     p.add_argument("--batch-size", type=int, help="GLOBAL batch of crops per step, split over the workers"
                    + default("batch_size"))
     p.add_argument("--micro-batch-size", type=int,
-                   help="crops per forward on a worker; smaller than the worker's share means gradient "
-                        "accumulation (default: the whole share)")
+                   help="crops per forward on a worker, so BatchNorm's batch; a worker's share is "
+                        "accumulated over several forwards" + default("micro_batch_size"))
     p.add_argument("--stage1-steps", type=int, help="steps on object-centred crops" + default("stage1_steps"))
     p.add_argument("--stage2-steps", type=int, help="steps on proposal crops" + default("stage2_steps"))
     p.add_argument("--lr", type=float, help="SGD learning rate at the start of each stage" + default("lr"))
     p.add_argument("--momentum", type=float, help="SGD momentum" + default("momentum"))
     p.add_argument("--weight-decay", type=float,
                    help="L2 on conv weights (not biases or BN)" + default("weight_decay"))
-    p.add_argument("--lr-step", type=int, help="multiply the lr by --lr-gamma every this many steps of a stage"
-                   + default("lr_step"))
+    p.add_argument("--stage1-lr-step", type=int,
+                   help="stage 1: multiply the lr by --lr-gamma every this many steps" + default("stage1_lr_step"))
+    p.add_argument("--stage2-lr-step", type=int,
+                   help="stage 2: multiply the lr by --lr-gamma every this many steps" + default("stage2_lr_step"))
     p.add_argument("--lr-gamma", type=float, help="step-decay factor" + default("lr_gamma"))
+    p.add_argument("--balance-classes", action=argparse.BooleanOptionalAction, default=None,
+                   help="stage 1: balance classes by repeating the images of rare ones" + default("balance_classes"))
     p.add_argument("--eval-every", type=int,
                    help="steps between val evaluations, each with a checkpoint" + default("eval_every"))
     p.add_argument("--log-every", type=int, help="steps between logged losses" + default("log_every"))
-    p.add_argument("--proposals", choices=sorted(set(PROPOSAL_METHODS) - {"edgeboxes"}),
+    p.add_argument("--proposals", choices=TRAINING_PROPOSALS,
                    help="proposal generator for stage 2 and val" + default("proposals"))
     p.add_argument("--eval-max-proposals", type=int,
                    help="val proposals per image (+ the whole image), as the segment job's --max-proposals"
@@ -243,56 +252,51 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """Parse and check everything that can be checked before work starts; a
-    problem is parser.error: one line, exit code 2."""
+    problem is parser.error: one line naming the flag, exit code 2."""
     parser = build_parser()
-    a = parser.parse_args(argv)
-    opts = storage_options_from(parser, a.storage_option)
+    a = vars(parser.parse_args(argv))
+    opts = storage_options_from(parser, a.pop("storage_option"))
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in a.items() if k in fields}
+    values["extra_train_lists"] = tuple(values["extra_train_lists"])
+    values["name"] = values["name"] or f"deconvnet-{a['preset']}"
     try:
-        cfg = config_for(
-            a.preset, data=a.data, storage=a.storage, name=a.name or f"deconvnet-{a.preset}",
-            extra_train_lists=tuple(a.extra_train_list), init=a.init, num_workers=a.num_workers,
-            use_gpu=a.use_gpu, batch_size=a.batch_size, micro_batch_size=a.micro_batch_size,
-            stage1_steps=a.stage1_steps, stage2_steps=a.stage2_steps, lr=a.lr, momentum=a.momentum,
-            weight_decay=a.weight_decay, lr_step=a.lr_step, lr_gamma=a.lr_gamma, eval_every=a.eval_every,
-            log_every=a.log_every, proposals=a.proposals, eval_max_proposals=a.eval_max_proposals,
-            loader_workers=a.loader_workers, max_failures=a.max_failures,
-            keep_checkpoints=a.keep_checkpoints, export=a.export, seed=a.seed, storage_options=opts)
+        cfg = config_for(values.pop("preset"), **values, storage_options=opts)
         check_inputs(cfg)
         check_resumable(cfg)
     except ValueError as e:
-        parser.error(str(e))
+        parser.error(config_error(e, {**flags_of(parser), "storage_options": "--storage-option"}))
     return cfg
 
 
 def check_inputs(cfg: TrainConfig) -> None:
-    """The data layout, the lists and --init, read from storage. ValueError on a problem."""
+    """The data layout, the lists and `init`, read from storage. ValueError on a problem."""
     opts = cfg.storage_options
     try:
-        for rel in (training.TRAIN_LIST, training.VAL_LIST):
+        for rel in (TRAIN_LIST, VAL_LIST):
             if not storage.exists(storage.join(cfg.data, rel), opts):
-                raise ValueError(f"--data {cfg.data}: no {rel} (expected the PASCAL VOC layout: "
+                raise ValueError(f"`data` {cfg.data}: no {rel} (expected the PASCAL VOC layout: "
                                  f"JPEGImages/, SegmentationClass/, ImageSets/Segmentation/)")
         for uri in cfg.extra_train_lists:
             if not storage.exists(uri, opts):
-                raise ValueError(f"--extra-train-list: no such file {uri}")
+                raise ValueError(f"`extra_train_lists`: no such file {uri}")
     except OSError as e:  # unreachable endpoint, bad credentials, missing bucket
-        raise ValueError(f"--data {cfg.data}: cannot read: {type(e).__name__}: {e}") from e
+        raise ValueError(f"`data` {cfg.data}: cannot read: {type(e).__name__}: {e}") from e
     if cfg.init:
         try:
             info = read_model_info(cfg.init, opts)
         except (FileNotFoundError, ValueError) as e:
-            raise ValueError(f"--init: {e}") from e
+            raise ValueError(f"`init`: {e}") from e
         if not training.init_matches_preset(info, cfg.preset):
-            raise ValueError(f"--init {cfg.init} is not a '{cfg.preset}' DeconvNet ({info.config}); "
-                             f"pass the --preset it was made with")
+            raise ValueError(f"`init` {cfg.init} is not a '{cfg.preset}' DeconvNet ({info.config}); "
+                             f"pass the `preset` it was made with")
 
 
 def check_resumable(cfg: TrainConfig) -> None:
     """A run with this name that trained on other data (or from another init)
     must not be resumed by mistake."""
-    try:
-        recorded = json.loads(storage.read_bytes(storage.join(cfg.results_uri, "config.json"), cfg.storage_options))
-    except FileNotFoundError:
+    recorded = rundir.read_config(cfg)
+    if recorded is None:
         return
     now = cfg.record()
 
@@ -305,21 +309,20 @@ def check_resumable(cfg: TrainConfig) -> None:
     if changed:
         was = ", ".join(f"{k}={recorded.get(k)!r}" for k in changed)
         raise ValueError(f"run {cfg.name!r} under {cfg.storage} was started with {was}; "
-                         f"use another --name or the same settings to resume it")
+                         f"use another `name` or the same settings to resume it")
 
 
-def run(cfg: TrainConfig, fault: dict[str, Any] | None = None) -> int:
-    """Train (or resume) the run. 0: finished; 1: training failed; 2: storage not writable."""
-    final = training.read_final(cfg)
+def run(cfg: TrainConfig, train_loop: Callable[[dict[str, Any]], None] = train_loop_per_worker) -> int:
+    """Train (or resume) the run with `train_loop` on every worker. 0: finished;
+    1: training failed; 2: storage not writable."""
+    final = rundir.read_final(cfg)
     if final and final["step"] >= cfg.total_steps:
         val = final.get("val") or {}
         print(f"run {cfg.name!r} already finished at step {final['step']} (val mean IoU "
-              f"{val.get('mean_iou', float('nan')):.4f}); nothing to do. Results: {cfg.results_uri}")
+              f"{val.get('mean_iou', float('nan')):.4f}); nothing to do. Results: {rundir.results_uri(cfg)}")
         return 0
-    record = {**cfg.record(), "launched": now_iso()}
     try:
-        storage.write_bytes(storage.join(cfg.results_uri, "config.json"),
-                            json.dumps(record, indent=2).encode(), cfg.storage_options)
+        rundir.write_config(cfg, launched=now_iso())
     except OSError as e:  # missing bucket, no permission
         print(f"train.py: --storage {cfg.storage}: cannot write: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
@@ -337,8 +340,8 @@ def run(cfg: TrainConfig, fault: dict[str, Any] | None = None) -> int:
                              resources_per_worker={"CPU": 1 + cfg.loader_workers})
                if cfg.num_workers else ScalingConfig(num_workers=0))
     trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"train": cfg, "fault": fault},
+        train_loop,
+        train_loop_config={"train": cfg},
         scaling_config=scaling,
         run_config=RunConfig(
             name=cfg.name, storage_path=path, storage_filesystem=fs,
@@ -350,18 +353,18 @@ def run(cfg: TrainConfig, fault: dict[str, Any] | None = None) -> int:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"train.py: training failed: {first}", file=sys.stderr)
         return 1
-    final = training.read_final(cfg)
-    assert final, f"training ended without {training.FINAL_FILE} under {cfg.results_uri}"
+    final = rundir.read_final(cfg)
+    assert final, f"training ended without {rundir.FINAL_FILE} under {rundir.results_uri(cfg)}"
     val = final.get("val") or {}
     print(f"run {cfg.name!r} finished at step {final['step']}: val mean IoU {val.get('mean_iou', float('nan')):.4f}, "
-          f"pixel accuracy {val.get('pixel_accuracy', float('nan')):.4f}; results: {cfg.results_uri}"
+          f"pixel accuracy {val.get('pixel_accuracy', float('nan')):.4f}; results: {rundir.results_uri(cfg)}"
           + (f"; model: {final['export']} ({final['model_id']})" if final["export"] else ""))
     return 0
 
 
-def main(argv: list[str] | None = None, fault: dict[str, Any] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    return run(parse_config(argv), fault)
+    return run(parse_config(argv))
 
 
 if __name__ == "__main__":

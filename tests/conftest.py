@@ -78,3 +78,25 @@ def tiny_model(tmp_path_factory) -> str:
     uri = str(tmp_path_factory.mktemp("model"))
     save_model_dir(DeconvNet(PRESETS["tiny"]), uri, ModelInfo(config=PRESETS["tiny"]))
     return uri
+
+
+@pytest.fixture
+def voc(tmp_path):
+    """A TrainConfig (tiny recipe, batch 2, in-process) over 6 generated VOC-layout scenes (4 train, 2 val)."""
+    from deconvnet import synthetic
+    from deconvnet.training import config_for
+
+    synthetic.generate(str(tmp_path / "voc"), images=6, seed=1, size=64, val_fraction=0.34)
+    return config_for("tiny", data=str(tmp_path / "voc"), storage=str(tmp_path / "runs"), name="t",
+                      num_workers=0, batch_size=2)
+
+
+@pytest.fixture(scope="session")
+def train_job_by_value(ray_session):
+    """jobs/train.py's train loop pickled by value, so Ray Train's workers run
+    this checkout's code without importing `jobs` themselves."""
+    from jobs import train
+
+    ray_session.cloudpickle.register_pickle_by_value(train)
+    yield train
+    ray_session.cloudpickle.unregister_pickle_by_value(train)

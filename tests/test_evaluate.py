@@ -12,7 +12,6 @@ arithmetic and the failure modes.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 import subprocess
@@ -29,6 +28,7 @@ from deconvnet.imageio import decode_image
 from deconvnet.model import build_model, preset
 from deconvnet.voc import VOC_CLASSES, encode_label_png
 from deconvnet.weights import ModelInfo, save_model_dir
+from jobs import evaluate, segment_dataset
 from pipeline.outputs import PredictionWriter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,16 +36,6 @@ PROPOSALS = ["--proposals", "grid"]  # the training job's default for its val ev
 MAX_PROPOSALS = "3"  # val: 3 grid boxes + the whole image, in both jobs
 
 
-def _load(script: str, name: str):
-    """A job script as a module called `name`."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "jobs" / f"{script}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluate = _load("evaluate", "evaluate_job")
 
 
 # ------------------------------------------------ train -> segment -> evaluate
@@ -72,7 +62,7 @@ def _varied_model(uri: str, data: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def trained(ray_session, s3_endpoint):
+def trained(train_job_by_value, s3_endpoint):
     """A bucket with generated data and a 2-step tiny training run (from a model
     whose labels vary) that evaluates on val and exports."""
     import s3fs
@@ -82,16 +72,10 @@ def trained(ray_session, s3_endpoint):
     data = f"{bucket}/synth"
     synthetic.generate(data, images=16, seed=3, size=96)  # 12 train, 4 val
     _varied_model(f"{bucket}/init", data)
-    train_job = _load("train", "train_job_for_eval")
-    ray_session.cloudpickle.register_pickle_by_value(train_job)  # Ray Train workers cannot import it by name
-    try:
-        rc = train_job.main(["--data", data, "--storage", f"{bucket}/runs", "--name", "e1", "--preset", "tiny",
-                             "--num-workers", "1", "--batch-size", "4", "--stage1-steps", "1",
-                             "--stage2-steps", "1", "--eval-every", "100", "--lr", "0.0001", "--init", f"{bucket}/init", *PROPOSALS,
-                             "--eval-max-proposals", MAX_PROPOSALS, "--export", f"{bucket}/model"])
-    finally:
-        ray_session.cloudpickle.unregister_pickle_by_value(train_job)
-        del sys.modules[train_job.__name__]
+    rc = train_job_by_value.main([
+        "--data", data, "--storage", f"{bucket}/runs", "--name", "e1", "--preset", "tiny", "--num-workers", "1",
+        "--batch-size", "4", "--stage1-steps", "1", "--stage2-steps", "1", "--eval-every", "100", "--lr", "0.0001",
+        "--init", f"{bucket}/init", *PROPOSALS, "--eval-max-proposals", MAX_PROPOSALS, "--export", f"{bucket}/model"])
     assert rc == 0
     results = f"{bucket}/runs/e1/results"
     return {"bucket": bucket, "data": data, "model": f"{bucket}/model",
@@ -102,9 +86,6 @@ def trained(ray_session, s3_endpoint):
 @pytest.fixture(scope="module")
 def labelled(trained):
     """Every generated image (train and val) labelled the way the training job evaluates."""
-    sys.path.insert(0, str(ROOT / "jobs"))
-    import segment_dataset
-
     out = f"{trained['bucket']}/labels"
     assert segment_dataset.main(["--input", f"{trained['data']}/JPEGImages", "--output", out,
                                  "--model", trained["model"], "--crf", "none", *PROPOSALS,

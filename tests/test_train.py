@@ -14,7 +14,6 @@ short on a 2-core machine:
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 import sys
@@ -25,21 +24,37 @@ import pytest
 
 from deconvnet import storage, synthetic
 from deconvnet.weights import load_model_dir
+from jobs import train as train_job
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def train_job(ray_session):
-    """jobs/train.py as a module; pickled by value so Ray workers need not import it."""
-    spec = importlib.util.spec_from_file_location("train_job", ROOT / "jobs" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    ray_session.cloudpickle.register_pickle_by_value(module)
-    yield module
-    ray_session.cloudpickle.unregister_pickle_by_value(module)
-    del sys.modules[spec.name]
+def rank_exits_once(rank: int, at_call: int, marker: str):
+    """A train loop: `train_loop_per_worker` in which DDP rank `rank` exits its
+    process (a real worker death) at its `at_call`-th training step, once: the
+    `marker` object records that it did. The fault lives here, in the test, by
+    wrapping the production step; the job's code carries no hook for it."""
+    def loop(config):
+        import os
+
+        import ray.train
+
+        from deconvnet import storage, training
+
+        step, calls = training.train_step, [0]
+
+        def dying_step(*args, **kwargs):
+            if (ray.train.get_context().get_world_rank() == rank and calls[0] == at_call
+                    and not storage.exists(marker)):
+                storage.write_bytes(marker, f"rank {rank} exited at step {at_call}\n".encode())
+                os._exit(1)
+            calls[0] += 1
+            return step(*args, **kwargs)
+
+        training.train_step = dying_step
+        train_job.train_loop_per_worker(config)
+
+    return loop
 
 
 @pytest.fixture(scope="module")
@@ -74,15 +89,20 @@ def _final(bucket: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def first_run(train_job, data, bucket):
+def first_run(train_job_by_value, ray_session, data, bucket):
     marker = f"{bucket}/markers/rank1-died"
-    rc = train_job.main(_argv(data, bucket, 4), fault={"rank": 1, "step": 5, "marker": marker})
+    this = sys.modules[__name__]  # the wrapped loop is defined here: Ray's workers get it by value
+    ray_session.cloudpickle.register_pickle_by_value(this)
+    try:
+        rc = train_job.run(train_job.parse_config(_argv(data, bucket, 4)), rank_exits_once(1, 5, marker))
+    finally:
+        ray_session.cloudpickle.unregister_pickle_by_value(this)
     return {"rc": rc, "final": _final(bucket), "marker": marker,
             "history": storage.read_bytes(f"{bucket}/runs/r1/results/history.csv").decode()}
 
 
 @pytest.fixture(scope="module")
-def second_run(first_run, train_job, data, bucket):
+def second_run(first_run, data, bucket):
     rc = train_job.main(_argv(data, bucket, 6))
     return {"rc": rc, "final": _final(bucket)}
 
@@ -133,14 +153,14 @@ def test_same_name_resumes_instead_of_starting_over(second_run):
     assert len(second_run["final"]["resumed_from"]) == 2
 
 
-def test_finished_run_is_not_trained_again(second_run, train_job, data, bucket, capsys):
+def test_finished_run_is_not_trained_again(second_run, data, bucket, capsys):
     before = _final(bucket)
     assert train_job.main(_argv(data, bucket, 6)) == 0
     assert "already finished at step 10" in capsys.readouterr().out
     assert _final(bucket) == before
 
 
-def test_resuming_with_other_data_is_refused(second_run, train_job, data, bucket, capsys):
+def test_resuming_with_other_data_is_refused(second_run, data, bucket, capsys):
     other = f"{bucket}/synth-copy"
     for uri in storage.list_files(data):
         storage.write_bytes(other + uri[len(data):], storage.read_bytes(uri))
@@ -161,7 +181,7 @@ def test_resuming_with_other_data_is_refused(second_run, train_job, data, bucket
     ({"--init": "s3://{bucket}/no-model"}, "--init:"),
     ({"--extra-train-list": "s3://{bucket}/no-list.txt"}, "--extra-train-list: no such file"),
 ])
-def test_bad_arguments_exit_2_with_one_line(train_job, data, bucket, capsys, change, message):
+def test_bad_arguments_exit_2_with_one_line(data, bucket, capsys, change, message):
     argv = _argv(data, bucket, 4)
     for flag, value in change.items():
         value = value.format(bucket=bucket)
@@ -178,7 +198,7 @@ def test_bad_arguments_exit_2_with_one_line(train_job, data, bucket, capsys, cha
     assert last.startswith("train.py: error: ") and message in last
 
 
-def test_a_checkpoint_half_written_when_the_job_died_is_not_the_latest(second_run, train_job, data, bucket):
+def test_a_checkpoint_half_written_when_the_job_died_is_not_the_latest(second_run, data, bucket):
     """Ray Train records a checkpoint in checkpoint_manager_snapshot.json only
     once it is fully written; what a job killed mid-upload leaves behind is a
     directory nobody resumes from."""
