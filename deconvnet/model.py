@@ -152,9 +152,11 @@ class DeconvNet(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """The original's initialisation: decoder (deconv-fc6, deconvs, score)
-        Gaussian std 0.01 with zero biases; the encoder as torchvision's VGG (He
-        normal) until VGG16 weights are loaded into it."""
+        """The authors' training initialisation (HyeonwooNoh/DeconvNet
+        training/001_stage_1/stage_1_train.prototxt): decoder (fc6-deconv, deconvs,
+        seg-score) Gaussian std 0.01 with zero biases, BN scale 1 and shift 0.001;
+        the encoder as torchvision's VGG (He normal) until VGG16 weights are
+        loaded into it (the release starts it from VGG_ILSVRC_16_layers_conv)."""
         for m in [*self.features.modules(), *self.fc6.modules(), *self.fc7.modules()]:
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -166,7 +168,7 @@ class DeconvNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+                nn.init.constant_(m.bias, 0.001)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input_size(x)
@@ -232,7 +234,9 @@ class FCN8s(nn.Module):
         self.score_fr = nn.Conv2d(config.fc_dim, c, 1)
         self.score_pool4 = nn.Conv2d(c4, c, 1)
         self.score_pool3 = nn.Conv2d(c3, c, 1)
-        self.upscore2 = nn.ConvTranspose2d(c, c, 4, stride=2, bias=False)
+        # The release's score2 has a bias (model/FCN/fcn-8s-pascal-deploy.prototxt in
+        # HyeonwooNoh/DeconvNet); score4 and upsample have none.
+        self.upscore2 = nn.ConvTranspose2d(c, c, 4, stride=2)
         self.upscore_pool4 = nn.ConvTranspose2d(c, c, 4, stride=2, bias=False)
         self.upscore8 = nn.ConvTranspose2d(c, c, 16, stride=8, bias=False)
         self.reset_parameters()
@@ -250,6 +254,7 @@ class FCN8s(nn.Module):
             nn.init.zeros_(m.weight)
         for m in (self.upscore2, self.upscore_pool4, self.upscore8):
             m.weight.data.copy_(bilinear_kernel(m.in_channels, m.kernel_size[0]))
+        nn.init.zeros_(self.upscore2.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         assert x.ndim == 4, f"expected (N, C, H, W), got shape {tuple(x.shape)}"

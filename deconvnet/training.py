@@ -69,7 +69,7 @@ class TrainConfig:
     stage2_steps: int = 40000  # stage-2 solver's max_iter
     lr: float = 0.01  # base_lr of both solvers; each stage starts at it
     momentum: float = 0.9
-    weight_decay: float = 5e-4  # on conv weights only; biases and BN are not decayed
+    weight_decay: float = 5e-4  # on conv weights and BN, not on biases (`param_groups`)
     stage1_lr_step: int = 9000  # stage-1 solver's stepsize
     stage2_lr_step: int = 10000  # stage-2 solver's stepsize
     lr_gamma: float = 0.1
@@ -221,14 +221,21 @@ def config_for(preset_name: str, **values: Any) -> TrainConfig:
 # ------------------------------------------------------------ optimisation
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """SGD groups: conv weights decayed; biases and BN parameters (all the
-    1-D tensors) not, as the original's `weight_decay: 0` on biases."""
-    decay, no_decay = [], []
+    """SGD groups with the multipliers of the authors' training prototxts
+    (HyeonwooNoh/DeconvNet training/001_stage_1/stage_1_train.prototxt): every
+    conv/deconv layer has `blobs_lr: 1 blobs_lr: 2 weight_decay: 1 weight_decay: 0`,
+    so weights learn at lr and decay, biases learn at 2 x lr and do not decay;
+    BN layers carry no multipliers, so their scale and shift learn at lr and decay.
+    `lr_mult` is applied by `train_step`."""
+    norm = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for p in m.parameters()}
+    weights, biases, bn = [], [], []
     for p in model.parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+            (bn if id(p) in norm else biases if p.ndim <= 1 else weights).append(p)
+    return [{"params": weights, "weight_decay": weight_decay, "lr_mult": 1.0},
+            {"params": biases, "weight_decay": 0.0, "lr_mult": 2.0},
+            {"params": bn, "weight_decay": weight_decay, "lr_mult": 1.0}]
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
@@ -258,7 +265,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     all-reduces only on the last). bf16 autocast on CUDA. Returns the mean loss
     as a 0-d tensor on `device` (no host sync)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_mult", 1.0)
     optimizer.zero_grad(set_to_none=True)
     n = len(forwards)
     total = torch.zeros((), device=device)

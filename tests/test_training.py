@@ -15,20 +15,25 @@ from deconvnet.training import config_for, learning_rate
 from deconvnet.voc import IGNORE_INDEX, open_train_val
 
 
-def test_no_weight_decay_on_biases_and_batchnorm():
+def test_param_groups_carry_the_prototxts_multipliers():
+    """Weights: lr, decayed. Biases: 2 x lr, not decayed. BN: lr, decayed."""
     model = build_model(preset("tiny", num_classes=5))
-    decay, no_decay = training.param_groups(model, 5e-4)
-    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
-    ids = {id(p) for p in no_decay["params"]}
+    weights, biases, bn = training.param_groups(model, 5e-4)
+    assert (weights["weight_decay"], weights["lr_mult"]) == (5e-4, 1.0)
+    assert (biases["weight_decay"], biases["lr_mult"]) == (0.0, 2.0)
+    assert (bn["weight_decay"], bn["lr_mult"]) == (5e-4, 1.0)
+    ids = {name: {id(p) for p in g["params"]} for name, g in zip(("w", "b", "bn"), (weights, biases, bn))}
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
-            assert id(m.weight) in ids and id(m.bias) in ids
+            assert id(m.weight) in ids["bn"] and id(m.bias) in ids["bn"]
         elif isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
-            assert id(m.bias) in ids
-            assert id(m.weight) in {id(p) for p in decay["params"]}
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+            assert id(m.bias) in ids["b"] and id(m.weight) in ids["w"]
+    assert sum(map(len, ids.values())) == len(list(model.parameters()))
     opt = training.make_optimizer(model, config_for("paper", data="d", storage="s", name="n", init="m"))
     assert opt.defaults["momentum"] == 0.9 and opt.defaults["lr"] == 0.01
+    x, y = torch.randn(2, 3, 64, 64), torch.zeros(2, 64, 64, dtype=torch.long)
+    training.train_step(model, opt, [(x, y)], 0.01, torch.device("cpu"))
+    assert [g["lr"] for g in opt.param_groups] == [0.01, 0.02, 0.01]
 
 
 def test_step_decay_restarts_at_each_stage_with_its_own_step():
