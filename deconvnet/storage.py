@@ -25,7 +25,7 @@ import os
 import posixpath
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,27 +184,100 @@ def list_files_detail(
 
     `suffixes` (with the dot, any case) keeps only matching names. A prefix
     that holds nothing is an empty list; one that does not exist raises
-    `FileNotFoundError(uri)`.
+    `FileNotFoundError(uri)`. For large prefixes use `iter_files_detail`.
     """
+    return list(iter_files_detail(uri, suffixes, storage_options))
+
+
+def iter_files_detail(
+    uri: str,
+    suffixes: Iterable[str] | None = None,
+    storage_options: StorageOptions | None = None,
+) -> Iterator[FileInfo]:
+    """`list_files_detail` as a stream, in the same (sorted) order, holding one
+    page at a time: S3 lists 1,000 keys a request, already in key order; a local
+    disk is walked one directory at a time, each sorted; other filesystems are
+    listed whole (fsspec's `find`) and sorted."""
     fs, path = url_to_fs(uri, storage_options)
-    found = _retrying("list", uri, _find, fs, path, uri)
-    # Rebuild each URI from the user's prefix so its style (protocol, slashes) is kept, and
-    # the key exactly as stored: "a//b" is a different object from "a/b".
-    out = [FileInfo(uri.rstrip("/") + rel if rel else uri, int(info.get("size") or 0), _version(info))
-           for rel, info in found.items()]
-    return sorted((f for f in out if _matches(f.uri, suffixes)), key=lambda f: f.uri)
-
-
-def _find(fs, path: str, uri: str) -> dict[str, Mapping[str, Any]]:
-    """{path relative to `path`: info} of every file at or under `path`."""
     fs.invalidate_cache()  # other processes (Ray workers) may have written since
-    if fs.isfile(path):
-        return {"": fs.info(path)}
-    if fs.isdir(path):
-        root = path.rstrip("/")
-        return {p[len(root):]: info for p, info in fs.find(root, detail=True).items()
-                if info.get("type") != "directory"}
-    raise FileNotFoundError(uri)
+    if _retrying("check", uri, fs.isfile, path):
+        info = _retrying("check", uri, fs.info, path)
+        if _matches(uri, suffixes):
+            yield FileInfo(uri, int(info.get("size") or 0), _version(info))
+        return
+    root = path.rstrip("/")
+    if is_local(uri):
+        pages = _local_pages(root)
+    elif split_protocol(uri)[0] in ("s3", "s3a"):
+        pages = _s3_pages(fs, root, uri)
+    else:
+        pages = iter([[(rel, *info) for rel, info in sorted(_retrying("list", uri, _find, fs, root).items())]])
+    listed = False
+    for page in pages:
+        for rel, size, version in page:
+            listed = True
+            # Rebuild each URI from the user's prefix so its style (protocol, slashes) is kept,
+            # and the key exactly as stored: "a//b" is a different object from "a/b".
+            file_uri = uri.rstrip("/") + rel
+            if _matches(file_uri, suffixes):
+                yield FileInfo(file_uri, size, version)
+    if not listed and not _retrying("check", uri, fs.isdir, path):
+        raise FileNotFoundError(uri)
+
+
+Page = list[tuple[str, int, str]]  # (path relative to the prefix, starting with "/", size, version)
+
+
+def _find(fs, root: str) -> dict[str, tuple[int, str]]:
+    return {p[len(root):]: (int(info.get("size") or 0), _version(info))
+            for p, info in fs.find(root, detail=True).items() if info.get("type") != "directory"}
+
+
+def _s3_pages(fs, root: str, uri: str) -> Iterator[Page]:
+    """ListObjectsV2 without a delimiter: every key under the prefix, in key
+    (UTF-8 byte = code point) order, 1,000 a page, each page retried on its own."""
+    bucket, _, key = root.partition("/")
+    prefix = f"{key}/" if key else ""
+    token: dict[str, str] = {}
+    while True:
+        page = _retrying("list", uri, fs.call_s3, "list_objects_v2", Bucket=bucket, Prefix=prefix, **token)
+        yield [("/" + o["Key"][len(prefix):], int(o.get("Size") or 0), _version(o))
+               for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+        if not page.get("IsTruncated"):
+            return
+        token = {"ContinuationToken": page["NextContinuationToken"]}
+
+
+def _local_pages(root: str, rel: str = "") -> Iterator[Page]:
+    """Files under a local folder in sorted order of their paths, one folder
+    in memory at a time: entries sort by name + "/" for folders, which is the
+    order of the full paths ("a.jpg" < "a/b.jpg" because "." < "/")."""
+    try:
+        with os.scandir(root + rel) as it:
+            entries = sorted(((e.name + "/" if e.is_dir() else e.name), e) for e in it)
+    except FileNotFoundError:
+        return
+    files: Page = []
+    for key, e in entries:
+        if key.endswith("/"):
+            if files:
+                yield files
+                files = []
+            yield from _local_pages(root, f"{rel}/{e.name}")
+        else:
+            try:
+                st = e.stat()
+            except FileNotFoundError:  # removed since the folder was read
+                continue
+            files.append((f"{rel}/{e.name}", st.st_size, str(st.st_mtime)))
+    if files:
+        yield files
+
+
+def open_input(uri: str, storage_options: StorageOptions | None = None):
+    """A seekable binary file object for random access (Parquet footers and row groups)."""
+    fs, path = url_to_fs(uri, storage_options)
+    return _retrying("read", uri, fs.open, path, "rb")
 
 
 def _version(info: Mapping[str, Any]) -> str:

@@ -20,9 +20,9 @@ Exit codes: 0 done (errors are rows in the output), 1 the run failed (or
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
-
 
 from deconvnet import storage
 from deconvnet.cli import add_storage_option_arg, storage_options_from
@@ -30,66 +30,74 @@ from deconvnet.crf import CRF_PRESETS
 from deconvnet.proposals import PROPOSAL_METHODS, ProposalConfig
 from deconvnet.segmenter import AGGREGATES, ENSEMBLES
 from deconvnet.weights import check_model_dir
-from pipeline.config import IMAGE_SUFFIXES, SegmentJobConfig
+from pipeline.config import IMAGE_SUFFIXES, InvalidConfig, SegmentJobConfig
 
 
-def _positive(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+# Each config field and the flag that sets it: parse_config builds the config from
+# these, and a config error names the flag. (part_seconds has no flag.)
+FLAGS = {
+    "input": "--input", "output": "--output", "model": "--model", "fcn_model": "--fcn-model",
+    "ensemble": "--ensemble", "proposals": "--proposals", "edge_model": "--edge-model",
+    "max_proposals": "--max-proposals", "aggregate": "--aggregate", "crf": "--crf",
+    "crf_max_side": "--crf-max-side", "batch_size": "--batch-size", "images_per_batch": "--images-per-batch",
+    "gpu_actors": "--gpu-actors", "device": "--device", "gpus_per_actor": "--gpus-per-actor",
+    "cpus_per_actor": "--cpus-per-actor", "crf_cpus": "--crf-cpus", "limit": "--limit",
+    "incremental": "--incremental", "overlays": "--overlays", "gallery": "--gallery",
+    "gallery_size": "--gallery-size", "fail_on_error": "--fail-on-error", "rows_per_part": "--part-rows",
+    "storage_options": "--storage-option",
+}
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(SegmentJobConfig) if f.default is not dataclasses.MISSING}
 
 
 def _actors(text: str) -> tuple[int, int]:
     lo, sep, hi = text.partition("-")
     try:
-        lo_i, hi_i = int(lo), int(hi) if sep else int(lo)
+        return int(lo), int(hi) if sep else int(lo)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected N or MIN-MAX, got {text!r}") from None
-    if not 1 <= lo_i <= hi_i:
-        raise argparse.ArgumentTypeError(f"need 1 <= MIN <= MAX, got {text!r}")
-    return lo_i, hi_i
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The flags of FLAGS; defaults are the config's own (values are checked by the config)."""
+    d = DEFAULTS
     p = argparse.ArgumentParser(prog="segment_dataset.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", required=True, help="prefix or single image, any fsspec URI or local path")
     p.add_argument("--output", required=True, help="where masks/, predictions/ and runs/ go")
     p.add_argument("--model", required=True, help="DeconvNet model directory (model.safetensors + config.json)")
     p.add_argument("--fcn-model", help="FCN-8s model directory: combine with it (EDeconvNet)")
-    p.add_argument("--ensemble", choices=ENSEMBLES, default="mean",
+    p.add_argument("--ensemble", choices=ENSEMBLES, default=d["ensemble"],
                    help="EDeconvNet rule: mean of probabilities (paper) or product (original code)")
-    p.add_argument("--proposals", choices=sorted(PROPOSAL_METHODS), default="grid", help="proposal generator")
+    p.add_argument("--proposals", choices=sorted(PROPOSAL_METHODS), default=d["proposals"], help="proposal generator")
     p.add_argument("--edge-model", help="structured-edge model file for --proposals edgeboxes")
-    p.add_argument("--max-proposals", type=int, default=50, help="boxes per image (+ the whole image)")
-    p.add_argument("--aggregate", choices=AGGREGATES, default="max", help="merge of proposal maps")
-    p.add_argument("--crf", choices=[*sorted(CRF_PRESETS), "none"], default="paper", help="dense CRF preset")
-    p.add_argument("--crf-max-side", type=_positive, help="run the CRF on at most this longer side")
-    p.add_argument("--batch-size", type=_positive, default=32, help="proposals per forward pass")
-    p.add_argument("--images-per-batch", type=_positive, default=8, help="images per segment-actor call")
+    p.add_argument("--max-proposals", type=int, default=d["max_proposals"], help="boxes per image (+ the whole image)")
+    p.add_argument("--aggregate", choices=AGGREGATES, default=d["aggregate"], help="merge of proposal maps")
+    p.add_argument("--crf", choices=[*sorted(CRF_PRESETS), "none"], default=d["crf"], help="dense CRF preset")
+    p.add_argument("--crf-max-side", type=int, help="run the CRF on at most this longer side")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="proposals per forward pass")
+    p.add_argument("--images-per-batch", type=int, default=d["images_per_batch"],
+                   help="images per segment-actor call")
     p.add_argument("--gpu-actors", type=_actors, help="segment actors, N or MIN-MAX (default: one per GPU)")
-    p.add_argument("--device", choices=["auto", "gpu", "cpu"], default="auto",
+    p.add_argument("--device", choices=["auto", "gpu", "cpu"], default=d["device"],
                    help="where segment actors run; auto: GPUs if the cluster has any now (an autoscaling "
                         "cluster at zero GPU nodes needs 'gpu', which asks the autoscaler for them)")
-    p.add_argument("--gpus-per-actor", type=float, default=1.0, help="GPUs each segment actor holds")
+    p.add_argument("--gpus-per-actor", type=float, default=d["gpus_per_actor"], help="GPUs each segment actor holds")
     p.add_argument("--cpus-per-actor", type=float,
                    help="CPUs reserved (= torch threads) per actor without GPU (default: reserve 1, "
                         "use the node's cores shared among the pool)")
-    p.add_argument("--crf-cpus", type=_positive, help="CRF tasks at once (default: every free CPU)")
-    p.add_argument("--limit", type=_positive, help="only the first N images (sorted by URI)")
-    p.add_argument("--incremental", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--crf-cpus", type=int, help="CRF tasks at once (default: every free CPU)")
+    p.add_argument("--limit", type=int, help="only the first N images (sorted by URI)")
+    p.add_argument("--incremental", action=argparse.BooleanOptionalAction, default=d["incremental"],
                    help="skip images this model already labelled under --output")
     p.add_argument("--overlays", action="store_true", help="also write overlays/<path>.jpg")
     p.add_argument("--gallery", action="store_true",
                    help="write index.html: a sample of images with overlays, classes and confidences, "
                         "and a per-class pixel chart of the whole output")
-    p.add_argument("--gallery-size", type=_positive,
-                   help=f"images in the gallery's sample; {SegmentJobConfig.gallery_size} when not given")
+    p.add_argument("--gallery-size", type=int, help=f"images in the gallery's sample; {d['gallery_size']} when not given")
     p.add_argument("--fail-on-error", action="store_true", help="exit 1 if any image is an error row")
-    p.add_argument("--part-rows", type=_positive, default=SegmentJobConfig.rows_per_part,
+    p.add_argument("--part-rows", type=int, default=d["rows_per_part"],
                    help="Parquet rows per predictions/ part (a part is also written every "
-                        f"{SegmentJobConfig.part_seconds:g} s); a killed run keeps every part it wrote")
+                        f"{d['part_seconds']:g} s); a killed run keeps every part it wrote")
     add_storage_option_arg(p)
     return p
 
@@ -99,14 +107,18 @@ def parse_config(argv: list[str] | None = None) -> SegmentJobConfig:
     problem is parser.error: one line, exit code 2."""
     parser = build_parser()
     a = parser.parse_args(argv)
-    opts = storage_options_from(parser, a.storage_option)
-    if a.gallery_size is not None and not a.gallery:
-        parser.error("--gallery-size needs --gallery")
+    values = {field: getattr(a, flag[2:].replace("-", "_")) for field, flag in FLAGS.items()}
+    values["storage_options"] = opts = storage_options_from(parser, a.storage_option)
     try:
-        ProposalConfig(method=a.proposals, max_proposals=a.max_proposals, edge_model=a.edge_model)
+        cfg = SegmentJobConfig(**{k: v for k, v in values.items() if v is not None})  # None: the default
+        ProposalConfig(method=cfg.proposals, max_proposals=cfg.max_proposals, edge_model=cfg.edge_model)
+    except InvalidConfig as e:
+        parser.error("; ".join(f"{FLAGS[name]}: {what}" for name, what in e.problems))
     except ValueError as e:
         parser.error(str(e))
-    for flag, uri, arch in (("--model", a.model, "deconvnet"), ("--fcn-model", a.fcn_model, "fcn8s")):
+    if a.gallery_size is not None and not a.gallery:
+        parser.error("--gallery-size needs --gallery")
+    for flag, uri, arch in (("--model", cfg.model, "deconvnet"), ("--fcn-model", cfg.fcn_model, "fcn8s")):
         if uri is None:
             continue
         try:
@@ -115,22 +127,15 @@ def parse_config(argv: list[str] | None = None) -> SegmentJobConfig:
             parser.error(f"{flag}: {e}")
         if info.config.arch != arch:
             parser.error(f"{flag}: {uri} holds a {info.config.arch} model, expected {arch}")
-    try:
-        found = storage.list_files(a.input, IMAGE_SUFFIXES, opts)
+    try:  # the first image only: the run itself lists the input, once, as a stream
+        first = next(storage.iter_files_detail(cfg.input, IMAGE_SUFFIXES, opts), None)
     except FileNotFoundError:
-        parser.error(f"--input: nothing at {a.input}")
+        parser.error(f"--input: nothing at {cfg.input}")
     except (OSError, ValueError) as e:  # unreachable endpoint, bad credentials, bad URI
-        parser.error(f"--input: cannot list {a.input}: {type(e).__name__}: {e}")
-    if not found:
-        parser.error(f"--input: no images ({', '.join(IMAGE_SUFFIXES)}) under {a.input}")
-    return SegmentJobConfig(
-        input=a.input, output=a.output, model=a.model, fcn_model=a.fcn_model, ensemble=a.ensemble,
-        proposals=a.proposals, edge_model=a.edge_model, max_proposals=a.max_proposals, aggregate=a.aggregate,
-        crf=a.crf, crf_max_side=a.crf_max_side, batch_size=a.batch_size, images_per_batch=a.images_per_batch,
-        gpu_actors=a.gpu_actors, device=a.device, gpus_per_actor=a.gpus_per_actor, cpus_per_actor=a.cpus_per_actor,
-        crf_cpus=a.crf_cpus, limit=a.limit, incremental=a.incremental, overlays=a.overlays,
-        gallery=a.gallery, fail_on_error=a.fail_on_error, rows_per_part=a.part_rows, storage_options=opts,
-        **({"gallery_size": a.gallery_size} if a.gallery_size else {}))
+        parser.error(f"--input: cannot list {cfg.input}: {type(e).__name__}: {e}")
+    if first is None:
+        parser.error(f"--input: no images ({', '.join(IMAGE_SUFFIXES)}) under {cfg.input}")
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,7 @@
 """The segment job's configuration: one frozen dataclass, parsed from the
-command line by jobs/segment_dataset.py and recorded in the run's record."""
+command line by jobs/segment_dataset.py and recorded in the run's record.
+It checks itself: a bad value is an InvalidConfig (a ValueError) that names
+each field at fault, which the command line turns into its flag."""
 
 from __future__ import annotations
 
@@ -8,8 +10,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deconvnet import storage
+from deconvnet.crf import CRF_PRESETS
+from deconvnet.proposals import PROPOSAL_METHODS
+from deconvnet.segmenter import AGGREGATES, ENSEMBLES
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+class InvalidConfig(ValueError):
+    """Config values that cannot work; `problems` pairs each field with what is wrong."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("; ".join(f"{name}: {what}" for name, what in problems))
 
 
 @dataclass(frozen=True)
@@ -45,6 +58,33 @@ class SegmentJobConfig:
     rows_per_part: int = 5000  # Parquet rows per part file written by the driver
     part_seconds: float = 60.0  # ...or a part at least this often: a killed run loses at most this much work
     storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        problems: list[tuple[str, str]] = []
+
+        def check(name: str, ok: bool, what: str) -> None:
+            if not ok:
+                problems.append((name, f"{what}, got {getattr(self, name)!r}"))
+
+        for name in ("input", "output", "model"):
+            check(name, bool(getattr(self, name)), "must be a URI or path")
+        check("ensemble", self.ensemble in ENSEMBLES, f"must be one of {', '.join(ENSEMBLES)}")
+        check("proposals", self.proposals in PROPOSAL_METHODS, f"must be one of {', '.join(sorted(PROPOSAL_METHODS))}")
+        check("aggregate", self.aggregate in AGGREGATES, f"must be one of {', '.join(AGGREGATES)}")
+        check("crf", self.crf in (*CRF_PRESETS, "none"), f"must be one of {', '.join([*sorted(CRF_PRESETS), 'none'])}")
+        check("device", self.device in ("auto", "gpu", "cpu"), "must be auto, gpu or cpu")
+        check("max_proposals", self.max_proposals >= 0, "must be >= 0")
+        for name in ("batch_size", "images_per_batch", "gallery_size", "rows_per_part"):
+            check(name, getattr(self, name) >= 1, "must be >= 1")
+        for name in ("crf_max_side", "crf_cpus", "limit"):
+            check(name, getattr(self, name) is None or getattr(self, name) >= 1, "must be >= 1")
+        for name in ("gpus_per_actor", "part_seconds"):
+            check(name, getattr(self, name) > 0, "must be > 0")
+        check("cpus_per_actor", self.cpus_per_actor is None or self.cpus_per_actor > 0, "must be > 0")
+        check("gpu_actors", self.gpu_actors is None or 1 <= self.gpu_actors[0] <= self.gpu_actors[1],
+              "need 1 <= MIN <= MAX")
+        if problems:
+            raise InvalidConfig(problems)
 
     def record(self) -> dict[str, Any]:
         """The config as written to runs/<id>.json: secrets redacted."""

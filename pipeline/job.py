@@ -1,9 +1,12 @@
-"""The segment job's plan: list on the driver, then a Ray Data pipeline
+"""The segment job's plan: a streamed listing, then a Ray Data pipeline
 
-    from_items ─> load (CPU) ─> Segment (actor pool, GPU) ─> refine (CPU) ─> write (CPU) ─> driver
+    listing (one read task: pages ─> windows ─> done-set ─> blocks; listing.py)
+      ─> read_and_propose (CPU) ─> SegmentActor (actor pool, GPU) ─> refine (CPU) ─> write (CPU) ─> driver
 
-and Parquet parts written by the driver as results stream back. Every resource
-setting of the job (batch sizes, GPUs, pool sizes, CRF parallelism) is here.
+and Parquet parts written by the driver as results stream back. The driver
+holds no list of the input: its memory does not grow with the bucket. Every
+resource setting of the job (batch sizes, GPUs, pool sizes, CRF parallelism)
+is here.
 """
 
 from __future__ import annotations
@@ -15,27 +18,28 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import ray
 
 from deconvnet import storage
 from deconvnet.crf import crf_config
 from deconvnet.proposals import ProposalConfig
-from deconvnet.segmenter import SegmenterConfig
 from deconvnet.records import now_iso
+from deconvnet.segmenter import SegmenterConfig
 from deconvnet.weights import ModelInfo, read_model_info
 
-from . import gallery, stages
-from .config import IMAGE_SUFFIXES, SegmentJobConfig
-from .outputs import (PredictionWriter, input_root, iter_rows, latest_rows, new_run_id, read_done, read_predictions,
-                      relative_key, write_run_record)
+from . import gallery, rows, stages
+from .compaction import compact, needs_compaction
+from .config import SegmentJobConfig
+from .listing import LISTING_CPUS, ListingSource, Tally
+from .outputs import PredictionWriter, iter_rows, latest_rows, new_run_id, read_predictions, write_run_record
 
 
 class JobFailed(RuntimeError):
     """The run stopped; what finished is recorded in runs/<run_id>.json."""
 
 
-def plan(cfg: SegmentJobConfig, todo: list[dict[str, Any]], info: ModelInfo, run_id: str) -> ray.data.Dataset:
+def plan(cfg: SegmentJobConfig, info: ModelInfo, run_id: str, tally, stage_fns=stages) -> ray.data.Dataset:
+    """The job's Dataset. `stage_fns` holds the stages (bench/scale.py passes no-ops)."""
     opts = cfg.storage_options
     gpus = int(ray.cluster_resources().get("GPU", 0))
     on_gpu = cfg.device == "gpu" or (cfg.device == "auto" and gpus > 0)
@@ -49,16 +53,20 @@ def plan(cfg: SegmentJobConfig, todo: list[dict[str, Any]], info: ModelInfo, run
     # (Ray merges these env_vars with the job's own runtime_env).
     env = {k: os.environ[k] for k in (storage.RETRY_SECONDS_ENV,) if k in os.environ}
     remote = {"runtime_env": {"env_vars": env}} if env else {}
+    # A stage's exception reaches the driver as itself (RayTaskError.cause), not as
+    # Ray Data's UserCodeException whose cause is lost on the way (see failure()).
+    ray.data.DataContext.get_current().raise_original_map_exception = True
 
-    ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), len(todo) // cfg.images_per_batch)))
+    ds = ray.data.read_datasource(ListingSource(cfg, info.model_id, tally), override_num_blocks=1,
+                                  num_cpus=LISTING_CPUS, **remote)
     proposals = ProposalConfig(method=cfg.proposals, max_proposals=cfg.max_proposals, edge_model=cfg.edge_model)
     # Reading and decoding wait on storage as much as they compute: half a CPU
     # each. The different request also keeps Ray from fusing them into the
     # segment actor, where they would stall the model.
-    ds = ds.map_batches(stages.load, batch_size=cfg.images_per_batch, num_cpus=0.5, **remote,
+    ds = ds.map_batches(stage_fns.read_and_propose, batch_size=cfg.images_per_batch, num_cpus=0.5, **remote,
                         fn_kwargs={"proposals": proposals, "storage_options": opts})
     ds = ds.map_batches(
-        stages.Segment, batch_size=cfg.images_per_batch,
+        stage_fns.SegmentActor, batch_size=cfg.images_per_batch,
         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
         fn_constructor_kwargs={
             "model": cfg.model, "fcn_model": cfg.fcn_model,
@@ -71,66 +79,41 @@ def plan(cfg: SegmentJobConfig, todo: list[dict[str, Any]], info: ModelInfo, run
         **actor_resources, **remote)
     if with_crf:
         crf = crf_config(cfg.crf, max_side=cfg.crf_max_side)
-        ds = ds.map_batches(stages.refine, batch_size=1, num_cpus=1, **remote,
+        ds = ds.map_batches(stage_fns.refine, batch_size=1, num_cpus=1, **remote,
                             compute=ray.data.TaskPoolStrategy(size=cfg.crf_cpus) if cfg.crf_cpus else None,
                             fn_kwargs={"crf": crf})
-    ds = ds.map_batches(stages.write, batch_size=cfg.images_per_batch, num_cpus=1, **remote, fn_kwargs={
+    ds = ds.map_batches(stage_fns.write, batch_size=cfg.images_per_batch, num_cpus=1, **remote, fn_kwargs={
         "output": cfg.output, "num_classes": info.config.num_classes, "palette": info.palette_array(),
         "model_id": info.model_id, "run_id": run_id, "storage_options": opts})
     return ds
 
 
-def _rows(batch: dict[str, np.ndarray], classes: tuple[str, ...]) -> list[dict[str, Any]]:
-    rows = []
-    for i in range(len(batch["image_uri"])):
-        pixels = [int(v) for v in batch["class_pixels"][i]]
-        rows.append({
-            "image_uri": str(batch["image_uri"][i]), "mask_uri": str(batch["mask_uri"][i]),
-            "overlay_uri": str(batch["overlay_uri"][i]), "status": str(batch["status"][i]),
-            "error": str(batch["error"][i]), "permanent": bool(batch["permanent"][i]),
-            "width": int(batch["width"][i]), "height": int(batch["height"][i]),
-            "classes": [classes[k] for k, v in enumerate(pixels) if v],
-            "class_pixels": pixels, "mean_confidence": float(batch["mean_confidence"][i]),
-            "num_proposals": int(batch["num_proposals"][i]), "source_size": int(batch["source_size"][i]),
-            "source_version": str(batch["source_version"][i]), "model_id": str(batch["model_id"][i]),
-            "run_id": str(batch["run_id"][i]), "seconds": float(batch["seconds"][i]),
-        })
-    return rows
-
-
-def run(cfg: SegmentJobConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run(cfg: SegmentJobConfig, log: Callable[[str], None] = print, stage_fns=stages) -> dict[str, Any]:
     """Run the job; returns the run record (also written to runs/<run_id>.json).
-    Raises FileNotFoundError / ValueError for bad inputs before any work starts,
-    and JobFailed when the run breaks off."""
+    Raises FileNotFoundError / ValueError for a bad model before any work starts
+    (the command line also checks the input), and JobFailed when the run breaks off."""
     opts = cfg.storage_options
     info = read_model_info(cfg.model, opts)
-    files = storage.list_files_detail(cfg.input, IMAGE_SUFFIXES, opts)
-    root = input_root(cfg.input, is_file=len(files) == 1 and files[0].uri == cfg.input)
-    if cfg.limit is not None:
-        files = files[: cfg.limit]
-    done = read_done(cfg.output, info.model_id, opts) if cfg.incremental else {}
-    # Overlays for every image with --overlays; with --gallery, for the images it will show.
-    shown = gallery.sample([f.uri for f in files], cfg.gallery_size) if cfg.gallery else set()
-    todo = [{"image_uri": f.uri, "rel": relative_key(f.uri, root), "source_size": f.size,
-             "source_version": f.version, "overlay": cfg.overlays or f.uri in shown}
-            for f in files if done.get(f.uri) != (f.size, f.version)]
     run_id = new_run_id()
     record: dict[str, Any] = {
         "run_id": run_id, "status": "running", "started": now_iso(), "model_id": info.model_id,
-        "config": cfg.record(), "counts": {"seen": len(files), "skipped": len(files) - len(todo), "ok": 0, "error": 0},
+        "config": cfg.record(), "counts": {"seen": 0, "skipped": 0, "ok": 0, "error": 0},
     }
-    log(f"run {run_id}: {len(files)} images under {cfg.input}, {len(todo)} to label, "
-        f"{len(files) - len(todo)} already labelled by model {info.model_id}")
+    log(f"run {run_id}: images under {cfg.input}" + (f", skipping those model {info.model_id} already labelled"
+                                                      if cfg.incremental else ""))
     writer = PredictionWriter(cfg.output, run_id, cfg.rows_per_part, opts, part_seconds=cfg.part_seconds)
+    tally = Tally.remote()
     t0 = time.perf_counter()
     try:
         write_run_record(cfg.output, run_id, record, opts)  # "running": a killed run stays visible as one
-        if todo:
-            for batch in plan(cfg, todo, info, run_id).iter_batches(batch_size=None, batch_format="numpy"):
-                writer.add(_rows(batch, info.classes))
-        else:
-            log("nothing new to label: no segmentation work done")
+        if needs_compaction(cfg.output, opts):  # before the done-set is read: few parts to read
+            record["compaction"] = compact(cfg.output, opts, log=log)
+        for batch in plan(cfg, info, run_id, tally, stage_fns).iter_batches(batch_size=None, batch_format="numpy"):
+            writer.add(rows.table_from_batch(batch, info.classes))
         writer.flush()
+        _count_listing(record, tally)
+        if writer.counts["ok"] + writer.counts["error"] == 0:
+            log("nothing new to label: no segmentation work done")
         if cfg.gallery:
             record["counts"].update(writer.counts)
             record["gallery_uri"] = write_gallery(cfg, info, record)
@@ -140,11 +123,13 @@ def run(cfg: SegmentJobConfig, log: Callable[[str], None] = print) -> dict[str, 
         try:
             writer.flush()  # what finished stays finished: the next incremental run skips it
         except Exception as flush_error:  # storage down: those rows are redone next run
-            record["unsaved_rows"] = len(writer.rows)
-            log(f"could not write the last {len(writer.rows)} rows: {type(flush_error).__name__}: {flush_error}")
+            record["unsaved_rows"] = writer.pending
+            log(f"could not write the last {writer.pending} rows: {type(flush_error).__name__}: {flush_error}")
+        _count_listing(record, tally)
         raise JobFailed(f"run {run_id} failed after {writer.counts['ok'] + writer.counts['error']} images "
                         f"({len(writer.parts)} Parquet parts saved): {record['error']}") from e
     finally:
+        ray.kill(tally)
         elapsed = time.perf_counter() - t0
         record["counts"].update(writer.counts)
         record.update(ended=now_iso(), seconds=round(elapsed, 3), prediction_parts=writer.parts,
@@ -161,19 +146,39 @@ def run(cfg: SegmentJobConfig, log: Callable[[str], None] = print) -> dict[str, 
     return record
 
 
+def _count_listing(record: dict[str, Any], tally) -> None:
+    """The listing's counts (seen, skipped) and times, from its tally actor."""
+    try:
+        listed = ray.get(tally.totals.remote(), timeout=60)
+    except Exception:  # noqa: BLE001 - the run's own error matters more; counts stay as they were
+        return
+    record["counts"].update(seen=int(listed["seen"]), skipped=int(listed["skipped"]))
+    record["listing"] = {"windows": int(listed["windows"]), "seconds": round(listed["listing_seconds"], 3),
+                         "done_set_seconds": round(listed["done_seconds"], 3)}
+
+
 def failure(e: BaseException) -> str:
-    """'Type: message' of what really went wrong. A stage's exception reaches
-    the driver only as text inside Ray Data's UserCodeException (the object
-    itself is not kept), so it is read back from that text."""
-    if isinstance(e, ray.exceptions.RayTaskError):
-        # The stage's chain, then "...direct cause of..." Ray's own wrapper: keep the former.
-        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).rsplit("The above exception was the direct cause", 1)[0]
-        raised = [line for line in text.splitlines() if re.match(r"[A-Za-z_][\w.]*: ", line)]
-        if raised:
-            return raised[-1]
-    while e.__cause__ is not None:
-        e = e.__cause__
-    return f"{type(e).__name__}: {e}"
+    """'Type: message' (one line) of what really went wrong.
+
+    A stage's exception reaches the driver as a RayTaskError whose `cause` is
+    the exception the stage raised, because plan() sets Ray Data's
+    `raise_original_map_exception` (Ray Data appends its retry note on later
+    lines: the first line is the message). Without that flag Ray Data wraps it
+    in a UserCodeException and the original's type survives only as text in
+    the traceback Ray formats; that text is the fallback, for a Dataset built
+    elsewhere."""
+    while isinstance(e, ray.exceptions.RayTaskError) and e.cause is not None:
+        if isinstance(e.cause, ray.exceptions.UserCodeException):
+            text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).rsplit("The above exception was the direct cause", 1)[0]
+            raised = [line for line in text.splitlines() if re.match(r"[A-Za-z_][\w.]*: ", line)]
+            if raised:
+                return raised[-1]
+        e = e.cause
+    if not isinstance(e, ray.exceptions.RayError):
+        while e.__cause__ is not None:
+            e = e.__cause__
+    message = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {message[0] if message else ''}"
 
 
 def write_gallery(cfg: SegmentJobConfig, info: ModelInfo, run: dict[str, Any]) -> str:

@@ -1,10 +1,10 @@
 """The segment job's stages, each a function (or, for the model, a callable class)
 over a Ray Data batch: a dict of column name -> numpy array.
 
-    load     (CPU tasks)   read bytes, decode, propose boxes
-    Segment  (GPU actors)  crop + forward + paste + merge, on the actor
-    refine   (CPU tasks)   dense CRF -> label map and confidence
-    write    (CPU tasks)   PNG mask (+ overlay), per-class counts -> result row
+    read_and_propose  (CPU tasks)   read bytes, decode, propose boxes
+    SegmentActor      (GPU actors)  crop + forward + paste + merge, on the actor
+    refine            (CPU tasks)   dense CRF -> label map and confidence
+    write             (CPU tasks)   PNG mask (+ overlay), per-class counts -> result row
 
 Rows never disappear: a file that cannot be read or decoded becomes a row with
 status "error" and a message, and flows through every stage untouched.
@@ -26,6 +26,9 @@ from deconvnet.imageio import MAX_BYTES, BadImage, decode_image, encode_jpeg
 from deconvnet.proposals import ProposalConfig, propose
 from deconvnet.segmenter import Segmenter, SegmenterConfig, labels_and_confidence
 from deconvnet.voc import encode_label_png, overlay
+
+from .outputs import mask_uri, overlay_uri
+from .rows import STAGE_COLUMNS
 
 Batch = dict[str, np.ndarray]
 
@@ -52,7 +55,7 @@ def _error(batch: Batch, i: int, message: str, permanent: bool) -> None:
     batch["status"][i], batch["error"][i], batch["permanent"][i] = "error", message, permanent
 
 
-def load(batch: Batch, proposals: ProposalConfig, storage_options: dict) -> Batch:
+def read_and_propose(batch: Batch, proposals: ProposalConfig, storage_options: dict) -> Batch:
     """Read and decode each image and propose its boxes."""
     n = len(batch["image_uri"])
     batch["status"] = np.array(["ok"] * n, dtype=object)
@@ -81,7 +84,7 @@ def load(batch: Batch, proposals: ProposalConfig, storage_options: dict) -> Batc
     return batch
 
 
-class Segment:
+class SegmentActor:
     """The GPU stage: loads the model once per actor, then turns batches of
     images with their boxes into merged maps. All proposals of an image stay
     here; what leaves is one map per image (probabilities for the CRF, or the
@@ -153,9 +156,8 @@ def _images_for_overlays(batch: Batch) -> np.ndarray:
 
 def write(batch: Batch, output: str, num_classes: int, palette: np.ndarray,
           model_id: str, run_id: str, storage_options: dict) -> Batch:
-    """Write masks (and the overlays rows ask for) and turn each row into its Parquet record."""
-    from .outputs import mask_uri, overlay_uri
-
+    """Write masks (and the overlays rows ask for) and turn each row into its Parquet
+    record: the columns of rows.STAGE_COLUMNS (the driver adds the class names)."""
     batch, n, c = _writable(batch), len(batch["image_uri"]), num_classes
     masks, overlay_uris = [""] * n, [""] * n
     class_pixels = np.zeros((n, c), np.int64)  # the driver turns these into class names
@@ -171,12 +173,7 @@ def write(batch: Batch, output: str, num_classes: int, palette: np.ndarray,
                                     storage_options)
             class_pixels[i] = np.bincount(lab.ravel(), minlength=c)[:c]
         batch["seconds"][i] += time.perf_counter() - t0
-    keep = ("image_uri", "status", "error", "permanent", "width", "height", "mean_confidence",
-            "num_proposals", "source_size", "source_version", "seconds")
-    result = {k: batch[k] for k in keep}
-    result["mask_uri"] = np.array(masks, dtype=object)
-    result["overlay_uri"] = np.array(overlay_uris, dtype=object)
-    result["class_pixels"] = class_pixels
-    result["model_id"] = np.array([model_id] * n, dtype=object)
-    result["run_id"] = np.array([run_id] * n, dtype=object)
-    return result
+    made = {"mask_uri": np.array(masks, dtype=object), "overlay_uri": np.array(overlay_uris, dtype=object),
+            "class_pixels": class_pixels, "model_id": np.array([model_id] * n, dtype=object),
+            "run_id": np.array([run_id] * n, dtype=object)}
+    return {k: made[k] if k in made else batch[k] for k in STAGE_COLUMNS}

@@ -106,7 +106,7 @@ def masks_written(output: str):
 def test_a_killed_segment_actor_is_replaced_and_nothing_is_lost(ray_session, s3_bucket, tiny_model):
     images = upload_scenes(s3_bucket, 16)
     output = storage.join(s3_bucket, "labels")
-    killer = Killer("ray::MapWorker(MapBatches(Segment))", masks_written(output))
+    killer = Killer("ray::MapWorker(MapBatches(SegmentActor))", masks_written(output))
     killer.start()
     rc = segment_dataset.main(["--input", images, "--output", output, "--model", tiny_model, "--crf", "none",
                                "--max-proposals", "8", "--images-per-batch", "2", "--batch-size", "8"])

@@ -1,0 +1,139 @@
+"""The segment job's source: the input listed as a stream, in windows, with the
+done-set checked per window, feeding Ray Data without a list on the driver.
+
+    storage.iter_files_detail (pages, URI order) ─> windows of WINDOW images
+        ─> --limit, done-set lookup for the window's key range (done.py),
+           gallery overlay flag (gallery.RunningSample)
+        ─> blocks of rows to label ─> Ray Data (one streaming read task)
+
+The listing runs in one Ray Data read task, a generator that Ray Data pulls
+blocks from as the stages downstream have room (back-pressure), so neither
+the driver nor the task holds more than a window. What the driver still needs
+of the listing, the counts (seen, skipped) and times, goes to a small actor
+(`Tally`) a window at a time, keyed by window so a retried task counts once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import ray
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from deconvnet import storage
+
+from .config import IMAGE_SUFFIXES, SegmentJobConfig
+from .done import DoneIndex
+from .gallery import RunningSample
+from .outputs import input_root, relative_key
+
+WINDOW = 10_000  # listed images per window: the most the listing task holds at once
+BLOCKS_PER_WINDOW = 64  # a window's work spread over at least this many blocks (actor balance)
+MAX_BLOCK_BATCHES = 8  # a block is at most this many segment-actor batches (Ray's overhead per block)
+LISTING_CPUS = 0.25  # it waits on storage; unlike the next stage's 0.5, so Ray does not fuse them
+
+TODO_SCHEMA = pa.schema([("image_uri", pa.string()), ("rel", pa.string()), ("source_size", pa.int64()),
+                         ("source_version", pa.string()), ("overlay", pa.bool_())])
+
+
+@dataclass
+class Window:
+    """One window of the listing: what was seen, skipped, and is left to label."""
+
+    index: int
+    seen: int = 0
+    skipped: int = 0
+    todo: list[dict[str, Any]] = field(default_factory=list)
+    listing_seconds: float = 0.0
+    done_seconds: float = 0.0
+
+
+def windows(cfg: SegmentJobConfig, model_id: str, window: int = WINDOW) -> Iterator[Window]:
+    """The listing of `cfg.input`, `window` images at a time, in URI order: the
+    first `cfg.limit`, those done by `model_id` skipped (with cfg.incremental)."""
+    opts = cfg.storage_options
+    files = storage.iter_files_detail(cfg.input, IMAGE_SUFFIXES, opts)
+    if cfg.limit is not None:
+        files = itertools.islice(files, cfg.limit)
+    done = DoneIndex(cfg.output, model_id, opts) if cfg.incremental else None
+    shown = RunningSample(cfg.gallery_size) if cfg.gallery else None
+    root = None
+    try:
+        for index in itertools.count():
+            t0 = time.perf_counter()
+            chunk = list(itertools.islice(files, window))
+            w = Window(index, seen=len(chunk), listing_seconds=time.perf_counter() - t0)
+            if not chunk:
+                return
+            if root is None:  # a single file is listed as itself: paths relative to its folder
+                root = input_root(cfg.input, is_file=chunk[0].uri == cfg.input)
+            t0 = time.perf_counter()
+            labelled = done.lookup(chunk[0].uri, chunk[-1].uri) if done else {}
+            w.done_seconds = time.perf_counter() - t0
+            for f in chunk:
+                # Every listed image enters the running sample, labelled before or not.
+                overlay = shown.add(f.uri) if shown else False
+                if labelled.get(f.uri) == (f.size, f.version):
+                    w.skipped += 1
+                    continue
+                w.todo.append({"image_uri": f.uri, "rel": relative_key(f.uri, root), "source_size": f.size,
+                               "source_version": f.version, "overlay": cfg.overlays or overlay})
+            yield w
+    finally:
+        if done:
+            done.close()
+
+
+def blocks(todo: list[dict[str, Any]], images_per_batch: int) -> Iterator[pa.Table]:
+    """A window's rows as blocks: whole segment-actor batches, at least
+    BLOCKS_PER_WINDOW blocks when there are enough rows (so a small run still
+    spreads over every actor), at most MAX_BLOCK_BATCHES batches each."""
+    batches = max(1, min(MAX_BLOCK_BATCHES, len(todo) // (images_per_batch * BLOCKS_PER_WINDOW)))
+    size = batches * images_per_batch
+    for i in range(0, len(todo), size):
+        yield pa.Table.from_pylist(todo[i:i + size], schema=TODO_SCHEMA)
+
+
+@ray.remote(num_cpus=0)
+class Tally:
+    """The listing's counts, a window at a time (idempotent: keyed by window)."""
+
+    def __init__(self):
+        self.windows: dict[int, dict[str, float]] = {}
+
+    def add(self, index: int, counts: dict[str, float]) -> None:
+        self.windows[index] = counts
+
+    def totals(self) -> dict[str, float]:
+        keys = ("seen", "skipped", "listing_seconds", "done_seconds")
+        out = {k: sum(w[k] for w in self.windows.values()) for k in keys}
+        out["windows"] = len(self.windows)
+        return out
+
+
+class ListingSource(Datasource):
+    """A Ray Data source with one read task: `windows` streamed as blocks."""
+
+    def __init__(self, cfg: SegmentJobConfig, model_id: str, tally):
+        super().__init__()
+        self.cfg, self.model_id, self.tally = cfg, model_id, tally
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
+        meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
+        return [ReadTask(self._read, meta, schema=TODO_SCHEMA)]
+
+    def _read(self) -> Iterator[pa.Table]:
+        for w in windows(self.cfg, self.model_id):
+            ray.get(self.tally.add.remote(w.index, {
+                "seen": w.seen, "skipped": w.skipped, "listing_seconds": w.listing_seconds,
+                "done_seconds": w.done_seconds}))
+            yield from blocks(w.todo, self.cfg.images_per_batch)

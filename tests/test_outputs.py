@@ -1,0 +1,247 @@
+"""predictions/ and the streamed listing: sorted paged listing, windows with the
+done-set checked per window, --limit, the gallery's running sample, and
+compaction (also while a run writes), on local disk and the S3 endpoint."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from deconvnet import storage
+from pipeline import gallery, rows
+from pipeline.compaction import compact
+from pipeline.config import SegmentJobConfig
+from pipeline.done import DoneIndex
+from pipeline.listing import blocks, windows
+from pipeline.outputs import PredictionWriter, latest_rows, read_predictions, visible_parts
+
+
+def prediction_rows(uris: list[str], run_id: str, model_id: str = "m1", status: str = "ok",
+                    seen: dict[str, tuple[int, str]] | None = None) -> pa.Table:
+    """Rows as the write stage returns them; `seen`: the (size, version) each input had."""
+    n = len(uris)
+    batch = {"image_uri": uris, "mask_uri": [f"m/{u}" for u in uris], "overlay_uri": [""] * n,
+             "status": [status] * n, "error": [""] * n, "permanent": [False] * n, "width": [4] * n,
+             "height": [3] * n, "class_pixels": np.tile(np.array([10, 2], np.int64), (n, 1)),
+             "mean_confidence": [0.5] * n, "num_proposals": [1] * n,
+             "source_size": [(seen or {}).get(u, (1, ""))[0] for u in uris],
+             "source_version": [(seen or {}).get(u, (1, "v1"))[1] for u in uris],
+             "model_id": [model_id] * n, "run_id": [run_id] * n, "seconds": [0.1] * n}
+    return rows.table_from_batch({k: np.asarray(v) for k, v in batch.items()}, ("background", "cat"))
+
+
+def write_run(output: str, run_id: str, uris: list[str], rows_per_part: int = 2, **kw) -> list[str]:
+    w = PredictionWriter(output, run_id, rows_per_part)
+    for i in range(0, len(uris), rows_per_part):
+        w.add(prediction_rows(uris[i:i + rows_per_part], run_id, **kw))
+    w.flush()
+    return w.parts
+
+
+def identities(table: pa.Table) -> list[tuple[str, str]]:
+    return list(zip(table["image_uri"].to_pylist(), table["run_id"].to_pylist()))
+
+
+# --- the row --------------------------------------------------------------------------
+
+
+def test_a_batch_becomes_rows_of_the_one_schema():
+    t = prediction_rows(["a.jpg", "b.jpg"], "r1")
+    assert t.schema == rows.SCHEMA and t.num_rows == 2
+    assert t["classes"].to_pylist() == [["background", "cat"]] * 2 and t["class_pixels"][0].as_py() == [10, 2]
+    assert set(rows.STAGE_COLUMNS) | set(rows.DERIVED) == set(rows.SCHEMA.names)
+    with pytest.raises(ValueError, match="not prediction columns: nope"):
+        rows.columns(["image_uri", "nope"])
+
+
+# --- the streamed listing -------------------------------------------------------------
+
+
+def test_local_listing_streams_in_the_order_of_full_paths(tmp_path):
+    names = ["a.jpg", "a/b.jpg", "a-b.jpg", "a/c/d.png", "b.txt", "z/ü x.jpg", "A.JPG", "a0.jpg"]
+    for n in names:
+        (tmp_path / "in" / n).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / n).write_bytes(b"x" * len(n))
+    root = str(tmp_path / "in")
+    got = list(storage.iter_files_detail(root, [".jpg", ".png"]))
+    assert [f.uri for f in got] == sorted(f"{root}/{n}" for n in names if not n.endswith(".txt"))
+    assert all(f.size == len(f.uri) - len(root) - 1 and f.version for f in got)
+    assert storage.list_files_detail(root) == list(storage.iter_files_detail(root))
+
+
+def test_s3_listing_pages_through_more_than_one_page_in_key_order(s3_bucket):
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    bucket = s3_bucket.removeprefix("s3://")
+    keys = [f"in/{i % 7}/{i:05d}.jpg" for i in range(1010)] + ["in//double.jpg", "in/x.txt", "other/y.jpg"]
+    for k in keys:
+        s3.put_object(Bucket=bucket, Key=k, Body=b"ab")
+    got = [f.uri for f in storage.iter_files_detail(f"{s3_bucket}/in/", [".jpg"])]
+    assert got == sorted(f"{s3_bucket}/{k}" for k in keys if k.startswith("in/") and k.endswith(".jpg"))
+    assert len(got) == 1011  # two pages of ListObjectsV2
+    with pytest.raises(FileNotFoundError):
+        next(storage.iter_files_detail(f"{s3_bucket}/missing"))
+
+
+def _inputs(tmp_path, n: int) -> tuple[str, list[str], dict[str, tuple[int, str]]]:
+    root = tmp_path / "in"
+    for i in range(n):
+        (root / f"d{i % 3}").mkdir(parents=True, exist_ok=True)
+        (root / f"d{i % 3}" / f"{i:03d}.jpg").write_bytes(b"x")
+    files = list(storage.iter_files_detail(str(root)))
+    return str(root), [f.uri for f in files], {f.uri: (f.size, f.version) for f in files}
+
+
+def test_windows_skip_what_is_done_across_windows_and_compacted_parts(tmp_path):
+    root, uris, seen = _inputs(tmp_path, 20)
+    out = str(tmp_path / "out")
+    write_run(out, "20260101T000000Z-aaaaaa", uris[0:12:2], seen=seen)  # done by m1, to be compacted
+    compact(out)
+    write_run(out, "20260102T000000Z-bbbbbb", uris[1:12:2], seen=seen)  # done by m1, a recent run part
+    write_run(out, "20260102T000000Z-cccccc", uris[12:16], model_id="m2", seen=seen)  # another model
+    write_run(out, "20260102T000000Z-dddddd", uris[16:18], status="error", seen=seen)  # transient errors
+    changed = {uris[18]: (5, seen[uris[18]][1])}
+    write_run(out, "20260103T000000Z-eeeeee", uris[18:19], seen=changed)  # the file changed since
+    cfg = SegmentJobConfig(input=root, output=out, model="unused")
+    ws = list(windows(cfg, "m1", window=3))
+    assert [w.seen for w in ws] == [3] * 6 + [2]
+    assert sum(w.skipped for w in ws) == 12
+    assert [r["image_uri"] for w in ws for r in w.todo] == uris[12:]
+    assert {r["rel"] for w in ws for r in w.todo} == {u[len(root) + 1:] for u in uris[12:]}
+    # --no-incremental: every image; --limit: the first N in sorted order.
+    assert sum(len(w.todo) for w in windows(SegmentJobConfig(input=root, output=out, model="u", incremental=False),
+                                            "m1", window=7)) == 20
+    limited = windows(SegmentJobConfig(input=root, output=out, model="u", limit=5, incremental=False), "m1", 2)
+    assert [r["image_uri"] for w in limited for r in w.todo] == uris[:5]
+
+
+def test_a_single_file_is_its_own_listing(tmp_path):
+    root, uris, _ = _inputs(tmp_path, 2)
+    (w,) = windows(SegmentJobConfig(input=uris[0], output=str(tmp_path / "o"), model="u"), "m1")
+    assert [(r["image_uri"], r["rel"]) for r in w.todo] == [(uris[0], "000.jpg")]
+
+
+def test_the_running_sample_ends_as_the_gallery_sample_and_has_overlays_for_it():
+    uris = [f"s3://b/in/{i:05d}.jpg" for i in range(3000)]
+    s, flagged = gallery.RunningSample(12), set()
+    for u in uris:  # sorted order, as the listing streams it
+        if s.add(u):
+            flagged.add(u)
+    assert s.uris() == gallery.sample(uris, 12)  # the non-streaming definition
+    assert gallery.sample(uris, 12) <= flagged and len(flagged) < 12 * (2 + np.log(3000 / 12))
+    random.Random(0).shuffle(uris)
+    s2 = gallery.RunningSample(12)
+    for u in uris:
+        s2.add(u)
+    assert s2.uris() == s.uris()
+
+
+def test_windows_flag_overlays_for_the_gallery_sample(tmp_path):
+    root, uris, _ = _inputs(tmp_path, 30)
+    cfg = SegmentJobConfig(input=root, output=str(tmp_path / "o"), model="u", gallery=True, gallery_size=4)
+    flagged = {r["image_uri"] for w in windows(cfg, "m1", window=4) for r in w.todo if r["overlay"]}
+    assert gallery.sample(uris, 4) <= flagged
+
+
+def test_blocks_are_whole_batches_and_spread_a_small_window():
+    todo = [{"image_uri": f"u{i}", "rel": f"u{i}", "source_size": 1, "source_version": "v", "overlay": False}
+            for i in range(20)]
+    assert [b.num_rows for b in blocks(todo, 8)] == [8, 8, 4]
+    big = todo * 500
+    assert {b.num_rows for b in list(blocks(big, 8))[:-1]} == {8 * 8}
+
+
+# --- compaction -----------------------------------------------------------------------
+
+
+@pytest.fixture(params=["local", "s3"])
+def output(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "out")
+    return storage.join(request.getfixturevalue("s3_bucket"), "out")
+
+
+def test_compaction_keeps_every_row_once_and_leaves_few_parts(output):
+    written = []
+    for r in range(6):
+        run_id = f"2026010{r}T000000Z-{r:06d}"
+        uris = [f"s3://b/in/{r}-{i}.jpg" for i in range(5)] + ["s3://b/in/same.jpg"]
+        write_run(output, run_id, uris)
+        written += [(u, run_id) for u in uris]
+    before = read_predictions(output)
+    assert len(visible_parts(output).runs) == 18
+    done = compact(output, max_rows=20)
+    after = read_predictions(output)
+    assert sorted(identities(after)) == sorted(identities(before)) == sorted(written)
+    parts = visible_parts(output)
+    assert parts.runs == [] and len(parts.compacted) == len(done["written"]) == 2 and not parts.replaced
+    assert latest_rows(after).num_rows == 31
+    index = DoneIndex(output, "m1")
+    assert set(index.lookup("s3://b/in/0", "s3://b/in/1~")) == {f"s3://b/in/{r}-{i}.jpg" for r in (0, 1)
+                                                                for i in range(5)}
+    assert set(index.lookup("s3://b/in/same.jpg", "s3://b/in/zzz")) == {"s3://b/in/same.jpg"}
+    index.close()
+
+
+def test_a_reader_skips_parts_a_compacted_part_replaces(output):
+    write_run(output, "20260101T000000Z-aaaaaa", ["a", "b", "c"], rows_per_part=1)
+    saved = {uri: storage.read_bytes(uri) for uri in visible_parts(output).runs}
+    compact(output)
+    for uri, data in saved.items():  # as if the compactor stopped after writing: the old parts are back
+        storage.write_bytes(uri, data)
+    assert len(visible_parts(output).replaced) == 3
+    assert sorted(identities(read_predictions(output))) == [(u, "20260101T000000Z-aaaaaa") for u in "abc"]
+    compact(output)  # deletes the leftovers
+    assert visible_parts(output).replaced == []
+
+
+def test_compacting_while_a_run_writes_loses_and_duplicates_nothing(s3_bucket):
+    output = storage.join(s3_bucket, "out")
+    write_run(output, "20260101T000000Z-aaaaaa", [f"old-{i}" for i in range(40)], rows_per_part=4)
+    stop, errors, seen_counts = threading.Event(), [], []
+    run_id = "20260102T000000Z-bbbbbb"
+
+    def writer():  # a run, writing a part of 3 rows at a time
+        try:
+            w = PredictionWriter(output, run_id, 3)
+            for i in range(0, 60, 3):
+                w.add(prediction_rows([f"new-{k:03d}" for k in range(i, i + 3)], run_id))
+                time.sleep(0.1)  # rows arrive over time, as in a run
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+        finally:
+            stop.set()
+
+    def reader():  # a reader in between must never see a row twice
+        while not stop.is_set():
+            ids = identities(read_predictions(output, ["image_uri", "run_id"]))
+            dup = [k for k, n in Counter(ids).items() if n > 1]
+            if dup:
+                errors.append(AssertionError(f"duplicated: {dup[:3]}"))
+            if sum(u.startswith("old-") for u, _ in ids) != 40:
+                errors.append(AssertionError("rows of the old run missing"))
+            seen_counts.append(len(ids))
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=reader)]
+    for t in threads:
+        t.start()
+    compactions = 0
+    while not stop.is_set():
+        compactions += len(compact(output)["written"])
+    for t in threads:
+        t.join()
+    compact(output)
+    assert not errors, errors
+    final = identities(read_predictions(output, ["image_uri", "run_id"]))
+    assert sorted(final) == sorted([(f"old-{i}", "20260101T000000Z-aaaaaa") for i in range(40)] +
+                                   [(f"new-{i:03d}", run_id) for i in range(60)])
+    assert compactions >= 2 and len(seen_counts) >= 2 and seen_counts == sorted(seen_counts)
+    assert len(visible_parts(output).all) == 1
