@@ -20,7 +20,7 @@ import dataclasses
 import hashlib
 import io
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import nn
 
 from . import storage
@@ -107,11 +106,22 @@ def _model_id(arch: str, weights: bytes, info_json: Mapping[str, Any]) -> str:
 
 def save_model_dir(model: nn.Module, uri: str, info: ModelInfo,
                    storage_options: storage.StorageOptions | None = None) -> ModelInfo:
-    """Write `model.safetensors` + `config.json` under `uri`; returns the info with
-    its model id. Weights are written first, so a reader that finds a config
-    finds the weights it describes."""
+    """Write a model's state dict and `info` under `uri` (see `write_model_dir`)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    weights = st_save(state)
+    return write_model_dir(state, uri, info, storage_options)
+
+
+def write_model_dir(state: Mapping[str, torch.Tensor | np.ndarray], uri: str, info: ModelInfo,
+                    storage_options: storage.StorageOptions | None = None,
+                    release: Callable[[np.ndarray], None] | None = None) -> ModelInfo:
+    """Write `model.safetensors` + `config.json` under `uri` from a state dict
+    (tensors or numpy arrays); returns the info with its model id. Weights are
+    written first, so a reader that finds a config finds the weights it describes.
+
+    No model is built: a converter writes a 252M-parameter file without a second
+    copy of the weights. `release(array)` is called with each piece of a numpy source
+    (a uint8 view) once its bytes are in the file buffer (a memory-mapped source drops its pages)."""
+    weights = serialize_state(state, release)
     draft = info.to_json()
     model_id = _model_id(info.config.arch, weights, draft)
     info = dataclasses.replace(info, model_id=model_id, provenance={
@@ -120,6 +130,61 @@ def save_model_dir(model: nn.Module, uri: str, info: ModelInfo,
     storage.write_bytes(storage.join(uri, CONFIG_FILE),
                         json.dumps(info.to_json(), indent=2).encode(), storage_options)
     return info
+
+
+# safetensors dtype names, in the order of its Rust `Dtype` enum (the file lays
+# tensors out by dtype, largest first, then by name).
+_ST_DTYPES = ("BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64")
+_ST_NAMES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16",
+             torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32",
+             torch.float64: "F64", torch.int64: "I64"}
+
+
+def _flat_bytes(v: torch.Tensor | np.ndarray) -> tuple[str, tuple[int, ...], np.ndarray]:
+    """(safetensors dtype, shape, the data as a flat little-endian uint8 array, no copy when possible)."""
+    if isinstance(v, torch.Tensor):
+        t = v.detach().cpu().contiguous()
+        if t.dtype not in _ST_NAMES:
+            raise ValueError(f"cannot write dtype {t.dtype}")
+        return _ST_NAMES[t.dtype], tuple(t.shape), t.reshape(-1).view(torch.uint8).numpy()
+    a = np.asarray(v)
+    a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+    name = {"b": "BOOL", "u1": "U8", "i1": "I8", "i2": "I16", "u2": "U16", "f2": "F16", "i4": "I32",
+            "u4": "U32", "f4": "F32", "f8": "F64", "i8": "I64", "u8": "U64"}.get(
+        "b" if a.dtype == np.bool_ else f"{a.dtype.kind}{a.dtype.itemsize}")
+    if name is None:
+        raise ValueError(f"cannot write dtype {a.dtype}")
+    return name, a.shape, np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+
+
+def serialize_state(state: Mapping[str, torch.Tensor | np.ndarray],
+                    release: Callable[[np.ndarray], None] | None = None) -> bytearray:
+    """The safetensors file of a state dict, byte for byte what
+    `safetensors.torch.save` writes (so model ids do not change), built in one
+    buffer: peak memory is the sources plus one copy, not three."""
+    items = sorted(((k, _flat_bytes(v), v) for k, v in state.items()),
+                   key=lambda it: (-_ST_DTYPES.index(it[1][0]), it[0]))
+    header, offset = {}, 0
+    for k, (dtype, shape, flat), _ in items:
+        header[k] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + flat.size]}
+        offset += flat.size
+    head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    head += b" " * (-len(head) % 8)
+    buf = bytearray(8 + len(head) + offset)
+    buf[:8] = len(head).to_bytes(8, "little")
+    buf[8:8 + len(head)] = head
+    out = np.frombuffer(buf, np.uint8)
+    start = 8 + len(head)
+    chunk = 64 * 2**20  # copy big tensors (fc6 is 411 MB) in pieces, releasing each
+    for k, (dtype, shape, flat), src in items:
+        a = start + header[k]["data_offsets"][0]
+        for i in range(0, flat.size, chunk):
+            piece = flat[i: i + chunk]
+            out[a + i: a + i + piece.size] = piece
+            if release is not None and isinstance(src, np.ndarray):
+                release(piece)
+    del out
+    return buf
 
 
 def read_model_info(uri: str, storage_options: storage.StorageOptions | None = None) -> ModelInfo:
