@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from deconvnet import caffe
+from deconvnet import caffe, caffenets, caffeproto
 from deconvnet.model import DeconvNet, preset
 from deconvnet.records import now_iso
 
@@ -60,7 +60,7 @@ def main() -> None:
         t0 = time.perf_counter()
         params = random_params(args.classes)
         with open(src, "wb") as f:
-            for chunk in caffe.caffemodel_chunks(caffe.deconvnet_layers(params, bn_mode=None, stats_tops=True),
+            for chunk in caffeproto.caffemodel_chunks(caffenets.deconvnet_layers(params, bn_mode=None, stats_tops=True),
                                                  "DeconvNet_make_bn_layer_testable"):
                 f.write(chunk)
         del params

@@ -20,6 +20,20 @@ from . import storage
 from .cli import add_storage_option_arg, storage_options_from
 
 
+def read_classes(args, parser, opts) -> tuple[str, ...] | None:
+    """--classes: class names, one per line, background first; None when not given."""
+    if not args.classes:
+        return None
+    try:
+        text = storage.read_bytes(args.classes, opts).decode()
+    except FileNotFoundError:
+        parser.error(f"--classes: no such file {args.classes}")
+    classes = tuple(line.strip() for line in text.splitlines() if line.strip())
+    if len(classes) < 2:
+        parser.error(f"--classes: need at least 2 names (background first), got {len(classes)}")
+    return classes
+
+
 def cmd_init(args, parser) -> int:
     import torch
 
@@ -29,15 +43,7 @@ def cmd_init(args, parser) -> int:
     from .voc import VOC_CLASSES
 
     opts = storage_options_from(parser, args.storage_option)
-    classes = VOC_CLASSES
-    if args.classes:
-        try:
-            text = storage.read_bytes(args.classes, opts).decode()
-        except FileNotFoundError:
-            parser.error(f"--classes: no such file {args.classes}")
-        classes = tuple(line.strip() for line in text.splitlines() if line.strip())
-        if len(classes) < 2:
-            parser.error(f"--classes: need at least 2 names (background first), got {len(classes)}")
+    classes = read_classes(args, parser, opts) or VOC_CLASSES
     config = preset(args.preset, num_classes=len(classes))
     torch.manual_seed(args.seed)
     model = build_model(config)
@@ -100,13 +106,7 @@ def cmd_convert_caffe(args, parser) -> int:
     from .caffe import convert_caffemodel
 
     opts = storage_options_from(parser, args.storage_option)
-    classes = None
-    if args.classes:
-        try:
-            text = storage.read_bytes(args.classes, opts).decode()
-        except FileNotFoundError:
-            parser.error(f"--classes: no such file {args.classes}")
-        classes = tuple(line.strip() for line in text.splitlines() if line.strip())
+    classes = read_classes(args, parser, opts)
     try:
         done = convert_caffemodel(args.weights, args.out, kind=args.kind, classes=classes,
                                   bn_mode=args.bn_mode, seed=args.seed, storage_options=opts)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save as st_save
 
-from deconvnet import caffe
+from deconvnet import caffe, caffenets, caffeproto
 from deconvnet.__main__ import main
 from deconvnet.model import DeconvNet, FCN8s, count_parameters, preset
 from deconvnet.segmenter import Segmenter, SegmenterConfig
@@ -42,7 +42,7 @@ def _random_state(model: torch.nn.Module, seed: int) -> dict[str, np.ndarray]:
 
 def _write(tmp_path, layers, name="net", fmt="v1", file="w.caffemodel"):
     path = tmp_path / file
-    path.write_bytes(caffe.encode_caffemodel(layers, name, fmt))
+    path.write_bytes(caffeproto.encode_caffemodel(layers, name, fmt))
     return path
 
 
@@ -150,8 +150,8 @@ def tiny_params():
 # deploy prototxt), or the -mean/-var tops of the net BN_make_INFERENCE_script.py saved.
 @pytest.mark.parametrize("marked_by", ["bn_mode", "stats_tops"])
 def test_inference_file_gives_the_caffe_logits(tmp_path, tiny_params, marked_by):
-    layers = (caffe.deconvnet_layers(tiny_params, bn_mode="INFERENCE") if marked_by == "bn_mode" else
-              caffe.deconvnet_layers(tiny_params, bn_mode=None, stats_tops=True))
+    layers = (caffenets.deconvnet_layers(tiny_params, bn_mode="INFERENCE") if marked_by == "bn_mode" else
+              caffenets.deconvnet_layers(tiny_params, bn_mode=None, stats_tops=True))
     assert {la.type for la in layers} >= {"BN", "DECONVOLUTION", "UNPOOLING", "POOLING"}
     assert all(not la.blobs for la in layers if la.type in ("UNPOOLING", "POOLING", "RELU"))
     src = _write(tmp_path, layers)
@@ -170,7 +170,7 @@ def test_inference_file_gives_the_caffe_logits(tmp_path, tiny_params, marked_by)
 
 
 def test_converted_bn_is_scale_and_shift_exactly(tmp_path, tiny_params):
-    src = _write(tmp_path, caffe.deconvnet_layers(tiny_params))
+    src = _write(tmp_path, caffenets.deconvnet_layers(tiny_params))
     caffe.convert_caffemodel(str(src), str(tmp_path / "m"), classes=CLASSES)
     model, _ = load_model_dir(str(tmp_path / "m"))
     bn = model.decoder[4].bn  # debn4_2
@@ -182,7 +182,7 @@ def test_converted_bn_is_scale_and_shift_exactly(tmp_path, tiny_params):
 
 def test_segmenter_through_converted_model_matches_caffe(tmp_path, tiny_params):
     """End to end through the segmenter: one box covering a 224x224 image."""
-    src = _write(tmp_path, caffe.deconvnet_layers(tiny_params))
+    src = _write(tmp_path, caffenets.deconvnet_layers(tiny_params))
     caffe.convert_caffemodel(str(src), str(tmp_path / "m"), classes=CLASSES)
     seg = Segmenter.from_model_dir(str(tmp_path / "m"), SegmenterConfig(dtype="fp32"), device="cpu")
     rgb = _image(224, 224, seed=3)
@@ -197,7 +197,7 @@ def test_segmenter_through_converted_model_matches_caffe(tmp_path, tiny_params):
 
 def test_training_snapshot_keeps_gamma_beta_and_says_it_is_for_fine_tuning(tmp_path, tiny_params):
     # The stage_1/stage_2 training prototxts: bn_param without bn_mode (LEARN), one top.
-    src = _write(tmp_path, caffe.deconvnet_layers(tiny_params, bn_mode="LEARN"), name="stage_2_train")
+    src = _write(tmp_path, caffenets.deconvnet_layers(tiny_params, bn_mode="LEARN"), name="stage_2_train")
     out = tmp_path / "m"
     assert main(["convert-caffe", str(src), "--out", str(out), "--classes", str(_classes_file(tmp_path))]) == 0
     model, info = load_model_dir(str(out))
@@ -208,7 +208,7 @@ def test_training_snapshot_keeps_gamma_beta_and_says_it_is_for_fine_tuning(tmp_p
 
 
 def test_cli_prints_what_it_wrote_and_the_fine_tuning_note(tmp_path, tiny_params, capsys):
-    src = _write(tmp_path, caffe.deconvnet_layers(tiny_params, bn_mode="LEARN"))
+    src = _write(tmp_path, caffenets.deconvnet_layers(tiny_params, bn_mode="LEARN"))
     assert main(["convert-caffe", str(src), "--out", str(tmp_path / "m"),
                  "--classes", str(_classes_file(tmp_path))]) == 0
     out = capsys.readouterr().out
@@ -220,8 +220,8 @@ def test_cli_prints_what_it_wrote_and_the_fine_tuning_note(tmp_path, tiny_params
 def test_new_layer_format_with_shape_blobs(tmp_path, tiny_params):
     """`layer` (field 100) has no bn_param of the fork's: the mode must be named."""
     new_style = {k: [b.reshape(-1) if b.shape[:3] == (1, 1, 1) else b for b in v] for k, v in tiny_params.items()}
-    src = _write(tmp_path, caffe.deconvnet_layers(new_style), fmt="layer")  # biases (C,), as newer Caffe
-    net = caffe.read_caffemodel(str(src))
+    src = _write(tmp_path, caffenets.deconvnet_layers(new_style), fmt="layer")  # biases (C,), as newer Caffe
+    net = caffeproto.read_caffemodel(str(src))
     assert net.format == "layer (field 100)" and net.params()["conv1_1"][1].shape == (8,)
     with pytest.raises(ValueError, match="--bn-mode"):
         caffe.convert(net, classes=CLASSES)
@@ -241,8 +241,8 @@ def test_mapping_round_trips_and_reads_the_width_from_the_blobs():
     for k in sd:
         if not k.endswith(("running_mean", "running_var")):
             assert np.array_equal(back[k], sd[k]), k
-    layers = caffe.deconvnet_layers(caffe.deconvnet_to_caffe(sd), bn_mode="INFERENCE")
-    net = caffe.parse_caffemodel(caffe.encode_caffemodel(layers))
+    layers = caffenets.deconvnet_layers(caffe.deconvnet_to_caffe(sd), bn_mode="INFERENCE")
+    net = caffeproto.parse_caffemodel(caffeproto.encode_caffemodel(layers))
     assert caffe.convert(net, classes=[str(i) for i in range(7)]).info.config == cfg
 
 
@@ -253,7 +253,7 @@ def test_fcn8s_gives_the_caffe_logits(tmp_path, fmt):
     cfg = preset("fcn8s-tiny", num_classes=5)
     params = caffe.fcn8s_to_caffe(_random_state(FCN8s(cfg), 2))
     assert params["score2"][1].any() and len(params["score4"]) == len(params["upsample"]) == 1
-    src = _write(tmp_path, caffe.fcn8s_layers(params), name="FCN", fmt=fmt)
+    src = _write(tmp_path, caffenets.fcn8s_layers(params), name="FCN", fmt=fmt)
     done = caffe.convert_caffemodel(str(src), str(tmp_path / "m"), classes=CLASSES)
     assert done.kind == "fcn8s" and done.bn_mode is None
     model, info = load_model_dir(str(tmp_path / "m"))
@@ -290,7 +290,7 @@ def test_vgg16_lands_where_init_vgg16_puts_it(tmp_path, fc):
     tv = _torchvision_vgg16(0.125, 64)
     params = caffe.vgg16_to_caffe({k: v.numpy() for k, v in tv.items()}, fc=fc)
     params["fc8"] = [np.ones((1, 1, 10, 64), np.float32), np.zeros((1, 1, 1, 10), np.float32)]
-    layers = caffe.vgg16_layers(params)
+    layers = caffenets.vgg16_layers(params)
     assert [la.type for la in layers if la.name == "fc6"] == ["INNER_PRODUCT" if fc == "inner_product" else "CONVOLUTION"]
     src = _write(tmp_path, layers, name="VGG_ILSVRC_16_layers")
     done = caffe.convert_caffemodel(str(src), str(tmp_path / "m"))
@@ -315,16 +315,16 @@ def _classes_file(tmp_path):
 
 
 def _bad_files(params):
-    good = caffe.encode_caffemodel(caffe.deconvnet_layers(params))
-    missing = [la for la in caffe.deconvnet_layers(params) if la.name != "deconv3_2"]
+    good = caffeproto.encode_caffemodel(caffenets.deconvnet_layers(params))
+    missing = [la for la in caffenets.deconvnet_layers(params) if la.name != "deconv3_2"]
     wrong = {**params, "deconv3_2": [np.zeros((32, 16, 3, 3), np.float32), params["deconv3_2"][1]]}
     return {
         "truncated-half": (good[: len(good) // 2], "truncated or not a Caffe model"),
         "truncated-end": (good[:-3], "truncated or not a Caffe model"),
         "garbage": (np.random.default_rng(0).bytes(5000), "not a Caffe model"),
         "empty": (b"", "empty file"),
-        "missing-layer": (caffe.encode_caffemodel(missing), "missing layer 'deconv3_2'"),
-        "wrong-shape": (caffe.encode_caffemodel(caffe.deconvnet_layers(wrong)), r"deconv3_2 \(32, 16, 3, 3\)"),
+        "missing-layer": (caffeproto.encode_caffemodel(missing), "missing layer 'deconv3_2'"),
+        "wrong-shape": (caffeproto.encode_caffemodel(caffenets.deconvnet_layers(wrong)), r"deconv3_2 \(32, 16, 3, 3\)"),
     }
 
 
@@ -345,7 +345,7 @@ def test_bad_files_fail_with_one_line_and_write_nothing(tmp_path, tiny_params, c
 def test_missing_file_and_unnamed_classes_fail_in_one_line(tmp_path, tiny_params, capsys):
     assert main(["convert-caffe", str(tmp_path / "nope.caffemodel"), "--out", str(tmp_path / "m")]) == 2
     assert "no such file" in capsys.readouterr().err
-    src = _write(tmp_path, caffe.deconvnet_layers(tiny_params))
+    src = _write(tmp_path, caffenets.deconvnet_layers(tiny_params))
     assert main(["convert-caffe", str(src), "--out", str(tmp_path / "m")]) == 2  # 5 classes, no --classes
     err = capsys.readouterr().err
     assert "--classes" in err and len(err.strip().splitlines()) == 1
@@ -353,7 +353,7 @@ def test_missing_file_and_unnamed_classes_fail_in_one_line(tmp_path, tiny_params
 
 
 def test_cli_runs_as_a_module(tmp_path, tiny_params):
-    src = _write(tmp_path, caffe.deconvnet_layers(tiny_params))
+    src = _write(tmp_path, caffenets.deconvnet_layers(tiny_params))
     r = subprocess.run([sys.executable, "-m", "deconvnet", "convert-caffe", str(src), "--out", str(tmp_path / "m"),
                         "--classes", str(_classes_file(tmp_path))], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

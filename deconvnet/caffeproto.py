@@ -1,0 +1,358 @@
+"""The Caffe `.caffemodel` file format: a reader and a writer of the protobuf
+wire format for the messages a DeconvNet, FCN-8s or VGG16 file holds.
+
+A `.caffemodel` is a protobuf `NetParameter`. This module reads the wire format
+itself (no Caffe, no generated protobuf code, no pickle): old V1 `layers`
+(field 2) as the release writes them, and the newer `layer` (field 100). Field
+numbers are those of the fork's `src/caffe/proto/caffe.proto` (HyeonwooNoh/caffe)
+and, for `layer` and `BlobProto.shape`, of BVLC/caffe's:
+
+    NetParameter     name 1, layers 2 (V1LayerParameter), layer 100 (LayerParameter)
+    V1 layer         bottom 2, top 3, name 4, type 5 (enum), blobs 6, bn_param 45 (fork)
+    LayerParameter   name 1, type 2 (string), bottom 3, top 4, blobs 7
+    BlobProto        num 1, channels 2, height 3, width 4, data 5 (packed float32),
+                     shape 7 (BlobShape: dim 1, packed int64), double_data 8
+    BNParameter      bn_mode 3 (LEARN 0, INFERENCE 1)  (fork)
+
+Packed floats become `np.frombuffer` views over one buffer (a memory map for a
+local file), so converting the 1 GB inference model needs about one copy of the
+weights: the output buffer, filled blob by blob while the map's pages are let go.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import storage
+
+
+# V1LayerParameter.LayerType of the fork's caffe.proto (BN, DECONVOLUTION,
+# UNPOOLING and the data layers are the fork's additions).
+V1_TYPES = {
+    "NONE": 0, "ACCURACY": 1, "CONCAT": 3, "CONVOLUTION": 4, "DATA": 5, "DROPOUT": 6,
+    "INNER_PRODUCT": 14, "POOLING": 17, "RELU": 18, "SOFTMAX": 20, "SOFTMAX_LOSS": 21, "SPLIT": 22,
+    "ELTWISE": 25, "DECONVOLUTION": 39, "CROP": 40, "UNPOOLING": 42, "BN": 43,
+    "IMAGE_SEG_DATA": 46, "WINDOW_SEG_DATA": 47,
+}
+_V1_NAMES = {v: k for k, v in V1_TYPES.items()}
+# The `layer` (field 100) format names types with strings.
+_NEW_TYPES = {"CONVOLUTION": "Convolution", "DECONVOLUTION": "Deconvolution", "INNER_PRODUCT": "InnerProduct",
+              "POOLING": "Pooling", "RELU": "ReLU", "SOFTMAX": "Softmax", "DROPOUT": "Dropout", "BN": "BN",
+              "UNPOOLING": "Unpooling", "CROP": "Crop", "ELTWISE": "Eltwise", "DATA": "Data",
+              "SOFTMAX_LOSS": "SoftmaxWithLoss", "CONCAT": "Concat", "SPLIT": "Split", "ACCURACY": "Accuracy"}
+_NEW_NAMES = {v: k for k, v in _NEW_TYPES.items()}
+
+
+# --- the net as read --------------------------------------------------------
+
+@dataclass(frozen=True)
+class Blob:
+    shape: tuple[int, ...]  # (num, channels, height, width) in V1 files
+    data: np.ndarray  # (prod(shape),) float32, a view into the file where possible
+
+    def array(self) -> np.ndarray:
+        return self.data.reshape(self.shape)
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    type: str  # V1 enum name ("CONVOLUTION", "BN", ...) whatever the file's format
+    bottoms: tuple[str, ...] = ()
+    tops: tuple[str, ...] = ()
+    blobs: tuple[Blob, ...] = ()
+    bn_mode: str | None = None  # "LEARN"/"INFERENCE" where the layer stores the fork's bn_param
+
+
+@dataclass
+class CaffeNet:
+    name: str
+    layers: list[Layer]
+    format: str  # "V1 layers (field 2)" or "layer (field 100)"
+    _map: mmap.mmap | None = field(default=None, repr=False)
+    _base: int = field(default=0, repr=False)
+
+    def params(self) -> dict[str, list[np.ndarray]]:
+        """{layer name: its blobs shaped as stored} for the layers that have blobs."""
+        out: dict[str, list[np.ndarray]] = {}
+        for layer in self.layers:
+            if layer.blobs:
+                if layer.name in out:
+                    raise ValueError(f"two layers named {layer.name!r} hold weights")
+                out[layer.name] = [b.array() for b in layer.blobs]
+        return out
+
+    def release(self, array: np.ndarray) -> None:
+        """Let the memory map drop the pages under `array` (a view of it), once copied."""
+        if self._map is None or not hasattr(mmap, "MADV_DONTNEED") or array.nbytes == 0:
+            return
+        lo = array.__array_interface__["data"][0] - self._base
+        hi = lo + array.nbytes
+        if lo < 0 or hi > len(self._map):
+            return  # not a view of the map (a computed array)
+        page = mmap.PAGESIZE
+        a, b = -(-lo // page) * page, hi // page * page
+        if b > a:
+            self._map.madvise(mmap.MADV_DONTNEED, a, b - a)
+
+
+# --- protobuf wire format: reading -----------------------------------------
+
+class _Malformed(ValueError):
+    pass
+
+
+def _varint(buf, pos: int, end: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= end:
+            raise _Malformed(f"varint runs past byte {end}")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise _Malformed(f"varint longer than 10 bytes at byte {pos}")
+
+
+def _fields(buf, start: int, end: int) -> Iterator[tuple[int, int, int | tuple[int, int]]]:
+    """(field number, wire type, value) of one message in buf[start:end]: an int for
+    varints, the (start, end) span of the bytes for the other wire types."""
+    pos = start
+    while pos < end:
+        key, pos = _varint(buf, pos, end)
+        num, wt = key >> 3, key & 7
+        if num == 0:
+            raise _Malformed(f"field number 0 at byte {pos}")
+        if wt == 0:
+            value, pos = _varint(buf, pos, end)
+        elif wt in (1, 2, 5):
+            if wt == 2:
+                n, pos = _varint(buf, pos, end)
+            else:
+                n = 8 if wt == 1 else 4
+            if pos + n > end:
+                raise _Malformed(f"field {num} at byte {pos} claims {n} bytes, {end - pos} left")
+            value, pos = (pos, pos + n), pos + n
+        else:
+            raise _Malformed(f"wire type {wt} of field {num} at byte {pos}")
+        yield num, wt, value
+
+
+def _string(buf, span) -> str:
+    if not isinstance(span, tuple):
+        raise _Malformed("a string field is not length-delimited")
+    try:
+        return bytes(buf[span[0]:span[1]]).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _Malformed(f"a name is not UTF-8 at byte {span[0]}") from e
+
+
+def _span(value, what: str) -> tuple[int, int]:
+    if not isinstance(value, tuple):
+        raise _Malformed(f"{what} is not a message")
+    return value
+
+
+def _floats(buf, wt: int, value, dtype: str) -> np.ndarray:
+    size = np.dtype(dtype).itemsize
+    if wt == 2:  # packed: a view, no copy
+        a, b = value
+        if (b - a) % size:
+            raise _Malformed(f"packed {dtype} data of {b - a} bytes at byte {a}")
+        return np.frombuffer(buf, dtype, (b - a) // size, a)
+    if wt in (1, 5) and (value[1] - value[0]) == size:  # one unpacked value
+        return np.frombuffer(buf, dtype, 1, value[0])
+    raise _Malformed(f"blob data has wire type {wt}")
+
+
+def _blob(buf, start: int, end: int) -> Blob:
+    legacy: dict[int, int] = {}
+    shape: list[int] | None = None
+    chunks: list[np.ndarray] = []
+    for num, wt, v in _fields(buf, start, end):
+        if num in (1, 2, 3, 4) and wt == 0:
+            legacy[num] = v - (1 << 64) if v >= 1 << 63 else v
+        elif num == 5:
+            chunks.append(_floats(buf, wt, v, "<f4"))
+        elif num == 8:  # double_data
+            chunks.append(_floats(buf, wt, v, "<f8").astype(np.float32))
+        elif num == 7:  # BlobShape
+            shape = []
+            a, b = _span(v, "blob shape")
+            for dn, dwt, dv in _fields(buf, a, b):
+                if dn != 1:
+                    continue
+                if dwt == 0:
+                    shape.append(dv)
+                else:
+                    p, q = _span(dv, "blob dims")
+                    while p < q:
+                        d, p = _varint(buf, p, q)
+                        shape.append(d)
+    if shape is None:
+        if not legacy:
+            raise _Malformed(f"blob at byte {start} has no shape")
+        shape = [legacy.get(i, 0) for i in (1, 2, 3, 4)]
+    data = chunks[0] if len(chunks) == 1 else (np.concatenate(chunks) if chunks else np.zeros(0, np.float32))
+    if any(d < 0 for d in shape) or math.prod(shape) != data.size:
+        raise _Malformed(f"blob at byte {start} has shape {tuple(shape)} but {data.size} values")
+    return Blob(tuple(int(d) for d in shape), data)
+
+
+def _v1_layer(buf, start: int, end: int) -> Layer:
+    name, type_, bottoms, tops, blobs, bn_mode = "", "NONE", [], [], [], None
+    for num, wt, v in _fields(buf, start, end):
+        if num == 4:
+            name = _string(buf, v)
+        elif num == 5 and wt == 0:
+            type_ = _V1_NAMES.get(v, f"TYPE_{v}")
+        elif num == 2:
+            bottoms.append(_string(buf, v))
+        elif num == 3:
+            tops.append(_string(buf, v))
+        elif num == 6:
+            blobs.append(_blob(buf, *_span(v, "blob")))
+        elif num == 45:  # the fork's bn_param; bn_mode 3, LEARN when absent
+            bn_mode = "LEARN"
+            for n2, wt2, v2 in _fields(buf, *_span(v, "bn_param")):
+                if n2 == 3 and wt2 == 0:
+                    bn_mode = {0: "LEARN", 1: "INFERENCE"}.get(v2, f"MODE_{v2}")
+        elif num == 1:  # a V0 layer inside (the oldest files): name 1, type 2, blobs 50
+            for n2, _, v2 in _fields(buf, *_span(v, "V0 layer")):
+                if n2 == 1:
+                    name = _string(buf, v2)
+                elif n2 == 2:
+                    type_ = _string(buf, v2).upper()
+                elif n2 == 50:
+                    blobs.append(_blob(buf, *_span(v2, "blob")))
+    if type_ == "BN" and bn_mode is None:
+        bn_mode = "LEARN"  # bn_param's default in the fork's caffe.proto
+    return Layer(name, type_, tuple(bottoms), tuple(tops), tuple(blobs), bn_mode)
+
+
+def _new_layer(buf, start: int, end: int) -> Layer:
+    name, type_, bottoms, tops, blobs = "", "NONE", [], [], []
+    for num, _, v in _fields(buf, start, end):
+        if num == 1:
+            name = _string(buf, v)
+        elif num == 2:
+            t = _string(buf, v)
+            type_ = _NEW_NAMES.get(t, t.upper())
+        elif num == 3:
+            bottoms.append(_string(buf, v))
+        elif num == 4:
+            tops.append(_string(buf, v))
+        elif num == 7:
+            blobs.append(_blob(buf, *_span(v, "blob")))
+    return Layer(name, type_, tuple(bottoms), tuple(tops), tuple(blobs))
+
+
+def parse_caffemodel(buf, source: str = "caffemodel") -> CaffeNet:
+    """A `NetParameter` from a bytes-like buffer (bytes, mmap). ValueError, one
+    line naming `source`, when it is truncated, not protobuf or holds no layers."""
+    name, layers, formats = "", [], set()
+    try:
+        for num, _, v in _fields(buf, 0, len(buf)):
+            if num == 1:
+                name = _string(buf, v)
+            elif num == 2:
+                layers.append(_v1_layer(buf, *_span(v, "layer")))
+                formats.add("V1 layers (field 2)")
+            elif num == 100:
+                layers.append(_new_layer(buf, *_span(v, "layer")))
+                formats.add("layer (field 100)")
+    except _Malformed as e:
+        raise ValueError(f"{source}: truncated or not a Caffe model ({len(buf)} bytes): {e}") from None
+    if not layers:
+        raise ValueError(f"{source}: not a Caffe model: no layers in {len(buf)} bytes")
+    return CaffeNet(name, layers, " + ".join(sorted(formats)))
+
+
+def read_caffemodel(uri: str, storage_options: storage.StorageOptions | None = None) -> CaffeNet:
+    """Parse a `.caffemodel` at a path or URI. A local file is memory-mapped (its
+    blobs are views of the map); other URIs are read whole."""
+    if storage.is_local(uri):
+        _, path = storage.url_to_fs(uri, storage_options)
+        with open(path, "rb") as f:  # FileNotFoundError / IsADirectoryError name the path
+            if storage.size(uri, storage_options) == 0:
+                raise ValueError(f"{uri}: not a Caffe model: empty file")
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        net = parse_caffemodel(mm, uri)
+        net._map, net._base = mm, np.frombuffer(mm, np.uint8, 1).ctypes.data
+        return net
+    return parse_caffemodel(storage.read_bytes(uri, storage_options), uri)
+
+
+# --- protobuf wire format: writing -----------------------------------------
+
+def _enc_varint(n: int) -> bytes:
+    n &= (1 << 64) - 1
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _msg(num: int, parts: list) -> list:
+    """A length-delimited field around already encoded parts (bytes or memoryviews)."""
+    return [_enc_varint(num << 3 | 2), _enc_varint(sum(len(p) for p in parts)), *parts]
+
+
+def _str(num: int, s: str) -> list:
+    return _msg(num, [s.encode()])
+
+
+def _blob_parts(blob: Blob, fmt: str) -> list:
+    data = np.ascontiguousarray(blob.data, dtype="<f4").reshape(-1)
+    if data.size != math.prod(blob.shape):
+        raise ValueError(f"blob shape {blob.shape} does not hold {data.size} values")
+    if fmt == "v1":
+        if len(blob.shape) > 4:
+            raise ValueError(f"a V1 blob has at most 4 dims, got {blob.shape}")
+        dims = (1,) * (4 - len(blob.shape)) + tuple(blob.shape)
+        parts = [p for i, d in enumerate(dims, 1) for p in (_enc_varint(i << 3), _enc_varint(d))]
+    else:
+        parts = _msg(7, _msg(1, [b"".join(_enc_varint(d) for d in blob.shape)]))
+    return parts + _msg(5, [memoryview(data).cast("B")])
+
+
+def _layer_parts(layer: Layer, fmt: str) -> list:
+    if fmt == "v1":  # fields in number order, as Caffe writes them
+        parts = [*(p for b in layer.bottoms for p in _str(2, b)), *(p for t in layer.tops for p in _str(3, t)),
+                 *_str(4, layer.name), _enc_varint(5 << 3), _enc_varint(V1_TYPES[layer.type])]
+        parts += [p for b in layer.blobs for p in _msg(6, _blob_parts(b, fmt))]
+        if layer.bn_mode is not None:
+            mode = [] if layer.bn_mode == "LEARN" else [_enc_varint(3 << 3), _enc_varint(1)]
+            parts += _msg(45, mode)
+        return _msg(2, parts)
+    parts = [*_str(1, layer.name), *_str(2, _NEW_TYPES.get(layer.type, layer.type)),
+             *(p for b in layer.bottoms for p in _str(3, b)), *(p for t in layer.tops for p in _str(4, t))]
+    parts += [p for b in layer.blobs for p in _msg(7, _blob_parts(b, fmt))]
+    return _msg(100, parts)
+
+
+def caffemodel_chunks(layers: Sequence[Layer], name: str = "", fmt: str = "v1") -> Iterator[bytes | memoryview]:
+    """The bytes of a `NetParameter` in pieces (blob data as views, not copies):
+    `fmt` "v1" writes `layers` (field 2) with the fork's type enum, as the
+    release's files are; "layer" writes field 100 with `shape` blobs."""
+    if fmt not in ("v1", "layer"):
+        raise ValueError(f"fmt must be 'v1' or 'layer', got {fmt!r}")
+    if name:
+        yield from _str(1, name)
+    for layer in layers:
+        yield from _layer_parts(layer, fmt)
+
+
+def encode_caffemodel(layers: Sequence[Layer], name: str = "", fmt: str = "v1") -> bytes:
+    return b"".join(caffemodel_chunks(layers, name, fmt))
