@@ -69,7 +69,9 @@ class TrainConfig:
     stage2_steps: int = 40000  # stage-2 solver's max_iter
     lr: float = 0.01  # base_lr of both solvers; each stage starts at it
     momentum: float = 0.9
-    weight_decay: float = 5e-4  # on conv weights and BN, not on biases (`param_groups`)
+    weight_decay: float = 5e-4  # on conv weights (and BN, see below), never on biases
+    bias_lr_mult: float = 2.0  # the prototxts' `blobs_lr: 2` on every bias
+    decay_bn: bool = True  # the prototxts' BN layers carry no multipliers, so Caffe decays them
     stage1_lr_step: int = 9000  # stage-1 solver's stepsize
     stage2_lr_step: int = 10000  # stage-2 solver's stepsize
     lr_gamma: float = 0.1
@@ -127,6 +129,7 @@ class TrainConfig:
         need(math.isfinite(self.lr) and self.lr > 0, f"`lr` must be > 0, got {self.lr}")
         need(0 <= self.momentum < 1, f"`momentum` must be in [0, 1), got {self.momentum}")
         need(self.weight_decay >= 0, f"`weight_decay` must be >= 0, got {self.weight_decay}")
+        need(self.bias_lr_mult > 0, f"`bias_lr_mult` must be > 0, got {self.bias_lr_mult}")
         need(self.stage1_lr_step >= 1 and self.stage2_lr_step >= 1,
              f"`stage1_lr_step` and `stage2_lr_step` must be >= 1, got {self.stage1_lr_step} "
              f"and {self.stage2_lr_step}")
@@ -203,6 +206,10 @@ RECIPES: dict[str, dict[str, Any]] = {
         # The synthetic scenes' classes are about equally frequent, and the
         # learning check (README) was measured with uniform sampling.
         "balance_classes": False,
+        # Measured on that check: with the prototxts' 2x bias lr and decayed BN,
+        # 400 steps from scratch reached val mean IoU 0.650 instead of about 0.9.
+        "bias_lr_mult": 1.0,
+        "decay_bn": False,
         "eval_every": 100,
         "log_every": 10,
         "loader_workers": 0,  # a CPU-bound run: loader processes would only compete for cores
@@ -220,12 +227,14 @@ def config_for(preset_name: str, **values: Any) -> TrainConfig:
 
 # ------------------------------------------------------------ optimisation
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """SGD groups with the multipliers of the authors' training prototxts
-    (HyeonwooNoh/DeconvNet training/001_stage_1/stage_1_train.prototxt): every
-    conv/deconv layer has `blobs_lr: 1 blobs_lr: 2 weight_decay: 1 weight_decay: 0`,
-    so weights learn at lr and decay, biases learn at 2 x lr and do not decay;
-    BN layers carry no multipliers, so their scale and shift learn at lr and decay.
+def param_groups(model: nn.Module, weight_decay: float, bias_lr_mult: float = 2.0,
+                 decay_bn: bool = True) -> list[dict[str, Any]]:
+    """SGD groups: conv weights, biases, BN scale/shift. The defaults are the
+    multipliers of the authors' training prototxts (HyeonwooNoh/DeconvNet
+    training/001_stage_1/stage_1_train.prototxt): every conv/deconv layer has
+    `blobs_lr: 1 blobs_lr: 2 weight_decay: 1 weight_decay: 0`, so weights learn
+    at lr and decay, biases learn at 2 x lr and do not decay; BN layers carry
+    no multipliers, so their scale and shift learn at lr and decay.
     `lr_mult` is applied by `train_step`."""
     norm = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
             for p in m.parameters()}
@@ -234,13 +243,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         if p.requires_grad:
             (bn if id(p) in norm else biases if p.ndim <= 1 else weights).append(p)
     return [{"params": weights, "weight_decay": weight_decay, "lr_mult": 1.0},
-            {"params": biases, "weight_decay": 0.0, "lr_mult": 2.0},
-            {"params": bn, "weight_decay": weight_decay, "lr_mult": 1.0}]
+            {"params": biases, "weight_decay": 0.0, "lr_mult": bias_lr_mult},
+            {"params": bn, "weight_decay": weight_decay if decay_bn else 0.0, "lr_mult": 1.0}]
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
-    return torch.optim.SGD(param_groups(model, config.weight_decay), lr=config.lr,
-                           momentum=config.momentum)
+    groups = param_groups(model, config.weight_decay, config.bias_lr_mult, config.decay_bn)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:

@@ -224,7 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="SGD learning rate at the start of each stage" + default("lr"))
     p.add_argument("--momentum", type=float, help="SGD momentum" + default("momentum"))
     p.add_argument("--weight-decay", type=float,
-                   help="L2 on conv weights (not biases or BN)" + default("weight_decay"))
+                   help="L2 on conv weights (and BN with --decay-bn), never on biases" + default("weight_decay"))
+    p.add_argument("--bias-lr-mult", type=float,
+                   help="biases learn at this times the lr (the prototxts' blobs_lr 2)" + default("bias_lr_mult"))
+    p.add_argument("--decay-bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="weight decay on BN scale/shift too (the prototxts set no multiplier on BN)"
+                        + default("decay_bn"))
     p.add_argument("--stage1-lr-step", type=int,
                    help="stage 1: multiply the lr by --lr-gamma every this many steps" + default("stage1_lr_step"))
     p.add_argument("--stage2-lr-step", type=int,

@@ -34,6 +34,8 @@ def test_param_groups_carry_the_prototxts_multipliers():
     x, y = torch.randn(2, 3, 64, 64), torch.zeros(2, 64, 64, dtype=torch.long)
     training.train_step(model, opt, [(x, y)], 0.01, torch.device("cpu"))
     assert [g["lr"] for g in opt.param_groups] == [0.01, 0.02, 0.01]
+    tiny = training.make_optimizer(model, config_for("tiny", data="d", storage="s", name="n"))
+    assert [(g["lr_mult"], g["weight_decay"]) for g in tiny.param_groups] == [(1.0, 5e-4), (1.0, 0.0), (1.0, 0.0)]
 
 
 def test_step_decay_restarts_at_each_stage_with_its_own_step():
