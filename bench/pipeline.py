@@ -19,6 +19,7 @@ import glob
 import json
 import os
 import platform
+import sys
 import threading
 import time
 
@@ -27,6 +28,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import torch
 
 import record as bench_record  # bench/record.py: this script's folder is on sys.path
+
+# ...and bench/pipeline.py would shadow the `pipeline` package: take the folder off again.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 from deconvnet import storage
 from deconvnet.crf import crf_config, dense_crf
 from deconvnet.imageio import decode_image

@@ -32,7 +32,6 @@ from deconvnet.segmenter import AGGREGATES, ENSEMBLES
 from deconvnet.weights import check_model_dir
 from pipeline.config import IMAGE_SUFFIXES, InvalidConfig, SegmentJobConfig
 
-
 # Each config field and the flag that sets it: parse_config builds the config from
 # these, and a config error names the flag. (part_seconds has no flag.)
 FLAGS = {
@@ -93,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gallery", action="store_true",
                    help="write index.html: a sample of images with overlays, classes and confidences, "
                         "and a per-class pixel chart of the whole output")
-    p.add_argument("--gallery-size", type=int, help=f"images in the gallery's sample; {d['gallery_size']} when not given")
+    p.add_argument("--gallery-size", type=int,
+                   help=f"images in the gallery's sample; {d['gallery_size']} when not given")
     p.add_argument("--fail-on-error", action="store_true", help="exit 1 if any image is an error row")
     p.add_argument("--part-rows", type=int, default=d["rows_per_part"],
                    help="Parquet rows per predictions/ part (a part is also written every "

@@ -37,7 +37,7 @@ from urllib.parse import quote
 import numpy as np
 
 COLUMNS = ("image_uri", "mask_uri", "overlay_uri", "status", "error", "permanent", "width", "height",
-           "classes", "class_pixels", "mean_confidence", "model_id", "run_id")  # what a page needs of a row (rows.SCHEMA)
+           "classes", "class_pixels", "mean_confidence", "model_id", "run_id")  # what a page needs of a row
 ERROR_EXAMPLES = 10  # error rows listed by name and reason
 CARD_CLASSES = 6  # classes listed under each image, largest share first
 

@@ -31,6 +31,8 @@ from . import gallery, rows, stages
 from .compaction import compact, needs_compaction
 from .config import SegmentJobConfig
 from .listing import LISTING_CPUS, ListingSource, Tally
+
+BLOCK_BYTES = 4 * 2**20
 from .outputs import PredictionWriter, iter_rows, latest_rows, new_run_id, read_predictions, write_run_record
 
 
@@ -49,16 +51,21 @@ def plan(cfg: SegmentJobConfig, info: ModelInfo, run_id: str, tally, stage_fns=s
         lo = hi = max(1, int(gpus // cfg.gpus_per_actor)) if on_gpu else 1
     actor_resources = {"num_gpus": cfg.gpus_per_actor} if on_gpu else {"num_cpus": cfg.cpus_per_actor or 1}
     with_crf = cfg.crf != "none"
-    # The driver's storage retry budget, when set, holds in every stage's workers too
-    # (Ray merges these env_vars with the job's own runtime_env).
-    env = {k: os.environ[k] for k in (storage.RETRY_SECONDS_ENV,) if k in os.environ}
-    remote = {"runtime_env": {"env_vars": env}} if env else {}
+    remote = _remote_env()
     # A stage's exception reaches the driver as itself (RayTaskError.cause), not as
     # Ray Data's UserCodeException whose cause is lost on the way (see failure()).
     ray.data.DataContext.get_current().raise_original_map_exception = True
 
+    # Ray Data gathers what a task yields into blocks of up to target_max_block_size
+    # bytes before passing them on: with the default 128 MiB, the listing's small rows
+    # would leave only when it ends. This size lets them go every few windows, and
+    # keeps blocks of decoded images and maps to a few images each.
+    ray.data.DataContext.get_current().target_max_block_size = BLOCK_BYTES
     ds = ray.data.read_datasource(ListingSource(cfg, info.model_id, tally), override_num_blocks=1,
                                   num_cpus=LISTING_CPUS, **remote)
+    # One segment-actor batch per block, as the stages take them: spreads a window over
+    # every task and actor (a streaming split, not a shuffle).
+    ds = ds.repartition(target_num_rows_per_block=cfg.images_per_batch)
     proposals = ProposalConfig(method=cfg.proposals, max_proposals=cfg.max_proposals, edge_model=cfg.edge_model)
     # Reading and decoding wait on storage as much as they compute: half a CPU
     # each. The different request also keeps Ray from fusing them into the
@@ -88,6 +95,13 @@ def plan(cfg: SegmentJobConfig, info: ModelInfo, run_id: str, tally, stage_fns=s
     return ds
 
 
+def _remote_env() -> dict[str, Any]:
+    """Options for every task and actor: the driver's storage retry budget, when set,
+    holds in their workers too (Ray merges these env_vars with the job's runtime_env)."""
+    env = {k: os.environ[k] for k in (storage.RETRY_SECONDS_ENV,) if k in os.environ}
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
 def run(cfg: SegmentJobConfig, log: Callable[[str], None] = print, stage_fns=stages) -> dict[str, Any]:
     """Run the job; returns the run record (also written to runs/<run_id>.json).
     Raises FileNotFoundError / ValueError for a bad model before any work starts
@@ -107,7 +121,9 @@ def run(cfg: SegmentJobConfig, log: Callable[[str], None] = print, stage_fns=sta
     try:
         write_run_record(cfg.output, run_id, record, opts)  # "running": a killed run stays visible as one
         if needs_compaction(cfg.output, opts):  # before the done-set is read: few parts to read
-            record["compaction"] = compact(cfg.output, opts, log=log)
+            # In a task: the compactor holds up to compaction.MAX_ROWS rows, the driver stays small.
+            record["compaction"] = ray.get(ray.remote(compact).options(num_cpus=1, **_remote_env()).remote(
+                cfg.output, opts))
         for batch in plan(cfg, info, run_id, tally, stage_fns).iter_batches(batch_size=None, batch_format="numpy"):
             writer.add(rows.table_from_batch(batch, info.classes))
         writer.flush()
@@ -116,7 +132,9 @@ def run(cfg: SegmentJobConfig, log: Callable[[str], None] = print, stage_fns=sta
             log("nothing new to label: no segmentation work done")
         if cfg.gallery:
             record["counts"].update(writer.counts)
-            record["gallery_uri"] = write_gallery(cfg, info, record)
+            # In a task too: the page summarises every image's latest row.
+            record["gallery_uri"] = ray.get(ray.remote(write_gallery).options(num_cpus=1, **_remote_env()).remote(
+                cfg, info, record))
         record["status"] = "completed"
     except Exception as e:
         record["status"], record["error"] = "failed", failure(e)

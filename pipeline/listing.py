@@ -4,11 +4,13 @@ done-set checked per window, feeding Ray Data without a list on the driver.
     storage.iter_files_detail (pages, URI order) ─> windows of WINDOW images
         ─> --limit, done-set lookup for the window's key range (done.py),
            gallery overlay flag (gallery.RunningSample)
-        ─> blocks of rows to label ─> Ray Data (one streaming read task)
+        ─> a table of rows to label per window ─> Ray Data (one streaming read task)
 
-The listing runs in one Ray Data read task, a generator that Ray Data pulls
-blocks from as the stages downstream have room (back-pressure), so neither
-the driver nor the task holds more than a window. What the driver still needs
+The listing runs in one Ray Data read task, a generator that yields a table
+per window; Ray Data passes them on every job.BLOCK_BYTES (about 25,000 rows)
+and the plan splits them into blocks of one segment-actor batch. Ray Data pulls
+from the generator as the stages downstream have room (back-pressure), so the
+driver holds none of it and the task a window. What the driver still needs
 of the listing, the counts (seen, skipped) and times, goes to a small actor
 (`Tally`) a window at a time, keyed by window so a retried task counts once.
 """
@@ -34,8 +36,6 @@ from .gallery import RunningSample
 from .outputs import input_root, relative_key
 
 WINDOW = 10_000  # listed images per window: the most the listing task holds at once
-BLOCKS_PER_WINDOW = 64  # a window's work spread over at least this many blocks (actor balance)
-MAX_BLOCK_BATCHES = 8  # a block is at most this many segment-actor batches (Ray's overhead per block)
 LISTING_CPUS = 0.25  # it waits on storage; unlike the next stage's 0.5, so Ray does not fuse them
 
 TODO_SCHEMA = pa.schema([("image_uri", pa.string()), ("rel", pa.string()), ("source_size", pa.int64()),
@@ -90,16 +90,6 @@ def windows(cfg: SegmentJobConfig, model_id: str, window: int = WINDOW) -> Itera
             done.close()
 
 
-def blocks(todo: list[dict[str, Any]], images_per_batch: int) -> Iterator[pa.Table]:
-    """A window's rows as blocks: whole segment-actor batches, at least
-    BLOCKS_PER_WINDOW blocks when there are enough rows (so a small run still
-    spreads over every actor), at most MAX_BLOCK_BATCHES batches each."""
-    batches = max(1, min(MAX_BLOCK_BATCHES, len(todo) // (images_per_batch * BLOCKS_PER_WINDOW)))
-    size = batches * images_per_batch
-    for i in range(0, len(todo), size):
-        yield pa.Table.from_pylist(todo[i:i + size], schema=TODO_SCHEMA)
-
-
 @ray.remote(num_cpus=0)
 class Tally:
     """The listing's counts, a window at a time (idempotent: keyed by window)."""
@@ -136,4 +126,5 @@ class ListingSource(Datasource):
             ray.get(self.tally.add.remote(w.index, {
                 "seen": w.seen, "skipped": w.skipped, "listing_seconds": w.listing_seconds,
                 "done_seconds": w.done_seconds}))
-            yield from blocks(w.todo, self.cfg.images_per_batch)
+            if w.todo:  # job.plan splits it into blocks of one segment-actor batch
+                yield pa.Table.from_pylist(w.todo, schema=TODO_SCHEMA)

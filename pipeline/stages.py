@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import time
+
 import numpy as np
 import torch
 

@@ -159,16 +159,24 @@ def test_cron_line_parses():
     lines = [ln for ln in (DEPLOY / "crontab").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     env = [ln for ln in lines if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=\S*", ln)]
     jobs = [ln for ln in lines if ln not in env]
-    assert len(jobs) == 1, jobs
-    fields = jobs[0].split(None, 5)
-    assert len(fields) == 6, "5 time fields and a command"
-    for f, (lo, hi) in zip(fields[:5], CRON_FIELD):
-        assert _cron_field_ok(f, lo, hi), f"bad cron field {f!r}"
-    command = fields[5]
-    assert "%" not in command, "cron turns % into a newline"
-    assert "ray job submit" in command and "--no-wait" not in command  # its exit code is the job's outcome
-    _segment_args(command)
-    assert subprocess.run(["bash", "-n", "-c", command]).returncode == 0
+    assert len(jobs) == 2, jobs  # the hourly labelling and the daily compaction of its predictions/
+    commands = []
+    for job in jobs:
+        fields = job.split(None, 5)
+        assert len(fields) == 6, "5 time fields and a command"
+        for f, (lo, hi) in zip(fields[:5], CRON_FIELD):
+            assert _cron_field_ok(f, lo, hi), f"bad cron field {f!r}"
+        command = fields[5]
+        assert "%" not in command, "cron turns % into a newline"
+        assert "ray job submit" in command and "--no-wait" not in command  # its exit code is the job's outcome
+        assert subprocess.run(["bash", "-n", "-c", command]).returncode == 0
+        commands.append(command)
+    segment, compaction = commands
+    output = _segment_args(segment)[_segment_args(segment).index("--output") + 1]
+    words = shlex.split(compaction)
+    assert "jobs/compact_predictions.py" in compaction and words[words.index("--output") + 1] == output
+    lock = re.search(r"flock -n -E 0 (\S+)", segment).group(1)
+    assert f"flock -n -E 0 {lock} " in compaction  # never beside a labelling run
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")

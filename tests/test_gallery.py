@@ -139,8 +139,13 @@ def test_the_page_of_a_run_loads_in_chromium_with_no_errors(ray_session, tmp_pat
 
     shown = gallery.sample([storage.join(inp, n) for n in names], 5)
     shown_ok = {u for u in shown if "/bad/" not in u}
+    # The listing streams in URI order and asks for an overlay of each image that is in the
+    # running sample when listed: every image of the final sample, and those displaced later.
+    running = gallery.RunningSample(5)
+    flagged = {u for u in sorted(storage.join(inp, n) for n in names) if running.add(u)}
+    assert running.uris() == shown and shown <= flagged
     overlays = {str(p.relative_to(tmp_path / "out" / "overlays")) for p in (tmp_path / "out" / "overlays").rglob("*.*")}
-    assert overlays == {u[len(inp) + 1:].rsplit(".", 1)[0] + ".jpg" for u in shown_ok}  # the sample's, no more
+    assert overlays == {u[len(inp) + 1:].rsplit(".", 1)[0] + ".jpg" for u in flagged if "/bad/" not in u}
 
     # A run with nothing new rebuilds the page from all of predictions/: the same images.
     assert segment_dataset.main(args) == 0

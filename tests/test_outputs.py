@@ -19,7 +19,7 @@ from pipeline import gallery, rows
 from pipeline.compaction import compact
 from pipeline.config import SegmentJobConfig
 from pipeline.done import DoneIndex
-from pipeline.listing import blocks, windows
+from pipeline.listing import windows
 from pipeline.outputs import PredictionWriter, latest_rows, read_predictions, visible_parts
 
 
@@ -149,14 +149,6 @@ def test_windows_flag_overlays_for_the_gallery_sample(tmp_path):
     cfg = SegmentJobConfig(input=root, output=str(tmp_path / "o"), model="u", gallery=True, gallery_size=4)
     flagged = {r["image_uri"] for w in windows(cfg, "m1", window=4) for r in w.todo if r["overlay"]}
     assert gallery.sample(uris, 4) <= flagged
-
-
-def test_blocks_are_whole_batches_and_spread_a_small_window():
-    todo = [{"image_uri": f"u{i}", "rel": f"u{i}", "source_size": 1, "source_version": "v", "overlay": False}
-            for i in range(20)]
-    assert [b.num_rows for b in blocks(todo, 8)] == [8, 8, 4]
-    big = todo * 500
-    assert {b.num_rows for b in list(blocks(big, 8))[:-1]} == {8 * 8}
 
 
 # --- compaction -----------------------------------------------------------------------
