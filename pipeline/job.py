@@ -33,6 +33,7 @@ from .config import SegmentJobConfig
 from .listing import LISTING_CPUS, ListingSource, Tally
 
 BLOCK_BYTES = 4 * 2**20
+STREAMING_BUFFER_BLOCKS = 64
 from .outputs import PredictionWriter, iter_rows, latest_rows, new_run_id, read_predictions, write_run_record
 
 
@@ -60,7 +61,13 @@ def plan(cfg: SegmentJobConfig, info: ModelInfo, run_id: str, tally, stage_fns=s
     # bytes before passing them on: with the default 128 MiB, the listing's small rows
     # would leave only when it ends. This size lets them go every few windows, and
     # keeps blocks of decoded images and maps to a few images each.
-    ray.data.DataContext.get_current().target_max_block_size = BLOCK_BYTES
+    ctx = ray.data.DataContext.get_current()
+    ctx.target_max_block_size = BLOCK_BYTES
+    # The split below is one task yielding many small blocks; Ray Data lets a task run
+    # only 2 blocks ahead of its consumer (a private setting, no public one yet), which
+    # made it the bottleneck: 25 instead of ~4 ms of overhead per image (bench/scale.py).
+    if hasattr(ctx, "_max_num_blocks_in_streaming_gen_buffer"):
+        ctx._max_num_blocks_in_streaming_gen_buffer = STREAMING_BUFFER_BLOCKS
     ds = ray.data.read_datasource(ListingSource(cfg, info.model_id, tally), override_num_blocks=1,
                                   num_cpus=LISTING_CPUS, **remote)
     # One segment-actor batch per block, as the stages take them: spreads a window over
