@@ -95,7 +95,7 @@ def sequential(files: list[str], seg: Segmenter, proposals: ProposalConfig, crf:
     t0 = time.perf_counter()
     for f in files:
         image = decode_image(storage.read_bytes(f))
-        probs = seg.segment([image], [propose(image, proposals)])[0]
+        probs = seg.probabilities([image], [propose(image, proposals)])[0]
         labels = labels_and_confidence(probs)[0] if crf == "none" else dense_crf(image, probs, crf_config(crf))[0]
         storage.write_bytes(os.path.join(out, os.path.basename(f) + ".png"), encode_label_png(labels))
     return time.perf_counter() - t0

@@ -83,7 +83,7 @@ def cmd_segment(args, parser) -> int:
     except (FileNotFoundError, ValueError) as e:  # BadImage is a ValueError
         kind = "image" if isinstance(e, BadImage) else "error"
         parser.error(f"{kind}: {e}")
-    probs = segmenter.segment([image], [boxes])[0]  # (C, H, W)
+    probs = segmenter.probabilities([image], [boxes])[0]  # (C, H, W)
     if cfg.crf is None:
         labels, confidence = labels_and_confidence(probs)
     else:

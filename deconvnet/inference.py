@@ -3,7 +3,7 @@
     from deconvnet.inference import inference_configs
     cfg = inference_configs("original", edge_model="model.yml.gz", crf="paper")
     boxes = propose(image, cfg.proposals, storage_options)
-    probs = Segmenter.from_model_dir(uri, cfg.segmenter).segment([image], [boxes])[0]
+    probs = Segmenter.from_model_dir(uri, cfg.segmenter).probabilities([image], [boxes])[0]
     labels, conf = dense_crf(image, probs, cfg.crf) if cfg.crf else labels_and_confidence(probs)
 
 `original` is what the authors' release does (HyeonwooNoh/DeconvNet
@@ -94,7 +94,7 @@ def inference_configs(mode: str = "default", *, proposals: str | None = None, ma
     for name, value in (("aggregate", aggregate), ("ensemble", ensemble)):
         fixed = fields["segmenter"].get(name)
         if value is not None and fixed is not None and value != fixed:
-            raise ValueError(f"{name}: inference 'original' uses {fixed!r} (the release's), got {value!r}; "
+            raise ValueError(f"`{name}`: inference 'original' uses {fixed!r} (the release's), got {value!r}; "
                              f"use inference 'default' for other rules")
     seg.update(fields["segmenter"])
     for name in seg:

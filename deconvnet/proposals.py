@@ -73,7 +73,7 @@ class ProposalConfig:
             raise ValueError(f"unknown proposal method {self.method!r}; "
                              f"choose one of {sorted(PROPOSAL_METHODS)}")
         if self.method == "edgeboxes" and not self.edge_model:
-            raise ValueError("proposal method 'edgeboxes' needs a structured-edge model: pass "
+            raise ValueError("proposal method 'edgeboxes' needs a structured-edge model: pass `edge_model` "
                              "edge_model=<path or URI of OpenCV's model.yml.gz> (or pick "
                              "method='grid' or 'selective-search', which need no model file)")
         if self.max_proposals < 0:

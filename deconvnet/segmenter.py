@@ -2,7 +2,7 @@
 batches, paste the maps back and merge them per image (the paper, section 4).
 
     seg = Segmenter.from_model_dir("models/tiny")
-    probs = seg.segment([image], [boxes])[0]      # (C, H, W) float32, sums to 1 over C
+    probs = seg.probabilities([image], [boxes])[0]      # (C, H, W) float32, sums to 1 over C
 
 For each image (H, W, 3 uint8) and its boxes (K, 4 xyxy pixels, may leave the
 image): every box is rounded to whole pixels, cropped from the image padded by
@@ -235,7 +235,7 @@ class Segmenter:
         return normalise(torch.zeros(3, 1, 1, device=self.device), self.info).view(3)
 
     @torch.inference_mode()
-    def segment(self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def probabilities(self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Merged (C, H, W) float32 probability maps, one per image."""
         assert len(images) == len(boxes), f"{len(images)} images but {len(boxes)} box arrays"
         cfg, s = self.config, self.config.input_size

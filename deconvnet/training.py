@@ -339,7 +339,7 @@ def evaluate(model: nn.Module, dataset: VocDataset, info: ModelInfo, proposals: 
     for start in range(0, len(order), images_per_batch):
         samples = [dataset.load(i) for i in order[start: start + images_per_batch]]
         images = [s.image for s in samples]
-        probs = seg.segment(images, [propose(im, proposals) for im in images])  # (C, H, W) each
+        probs = seg.probabilities(images, [propose(im, proposals) for im in images])  # (C, H, W) each
         for p, s in zip(probs, samples):
             cm.update(p.argmax(0), s.classes)
     model.train(was_training)

@@ -25,18 +25,19 @@ import os
 import sys
 
 from deconvnet import storage
-from deconvnet.cli import add_storage_option_arg, storage_options_from
+from deconvnet.cli import add_storage_option_arg, config_error, storage_options_from
 from deconvnet.crf import CRF_PRESETS
-from deconvnet.proposals import PROPOSAL_METHODS, ProposalConfig
+from deconvnet.inference import INFERENCE_MODES
+from deconvnet.proposals import PROPOSAL_METHODS
 from deconvnet.segmenter import AGGREGATES, ENSEMBLES
 from deconvnet.weights import check_model_dir
-from pipeline.config import IMAGE_SUFFIXES, InvalidConfig, SegmentJobConfig
+from pipeline.config import IMAGE_SUFFIXES, SegmentJobConfig
 
 # Each config field and the flag that sets it: parse_config builds the config from
 # these, and a config error names the flag. (part_seconds has no flag.)
 FLAGS = {
     "input": "--input", "output": "--output", "model": "--model", "fcn_model": "--fcn-model",
-    "ensemble": "--ensemble", "proposals": "--proposals", "edge_model": "--edge-model",
+    "inference": "--inference", "ensemble": "--ensemble", "proposals": "--proposals", "edge_model": "--edge-model",
     "max_proposals": "--max-proposals", "aggregate": "--aggregate", "crf": "--crf",
     "crf_max_side": "--crf-max-side", "batch_size": "--batch-size", "images_per_batch": "--images-per-batch",
     "gpu_actors": "--gpu-actors", "device": "--device", "gpus_per_actor": "--gpus-per-actor",
@@ -65,13 +66,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="where masks/, predictions/ and runs/ go")
     p.add_argument("--model", required=True, help="DeconvNet model directory (model.safetensors + config.json)")
     p.add_argument("--fcn-model", help="FCN-8s model directory: combine with it (EDeconvNet)")
-    p.add_argument("--ensemble", choices=ENSEMBLES, default=d["ensemble"],
-                   help="EDeconvNet rule: mean of probabilities (paper) or product (original code)")
-    p.add_argument("--proposals", choices=sorted(PROPOSAL_METHODS), default=d["proposals"], help="proposal generator")
-    p.add_argument("--edge-model", help="structured-edge model file for --proposals edgeboxes")
-    p.add_argument("--max-proposals", type=int, default=d["max_proposals"], help="boxes per image (+ the whole image)")
-    p.add_argument("--aggregate", choices=AGGREGATES, default=d["aggregate"], help="merge of proposal maps")
-    p.add_argument("--crf", choices=[*sorted(CRF_PRESETS), "none"], default=d["crf"], help="dense CRF preset")
+    p.add_argument("--inference", choices=INFERENCE_MODES, default=d["inference"],
+                   help="original: what the authors' release does (boxes under 112 px skipped, the first 50 "
+                        "processed, no whole-image box; black padding; raw scores max-merged from zero, one "
+                        "softmax; EDeconvNet softmax(DeconvNet score x max(0, FCN score)); the CRF preset as is). "
+                        "default: the project's (whole image added, boxes under 16 px skipped, mean-colour "
+                        "padding, per-proposal softmax, mean ensemble, normalised CRF kernels)")
+    p.add_argument("--ensemble", choices=ENSEMBLES,
+                   help="EDeconvNet rule with --fcn-model (default: the mode's; default mode: mean of the two "
+                        "probability maps, as the paper's text; product: their product, renormalised; "
+                        "relu-product: --inference original's)")
+    p.add_argument("--proposals", choices=sorted(PROPOSAL_METHODS),
+                   help="proposal generator (default: edgeboxes with --edge-model, else grid)")
+    p.add_argument("--edge-model", help="structured-edge model file (OpenCV's model.yml.gz) for --proposals edgeboxes")
+    p.add_argument("--max-proposals", type=int, default=d["max_proposals"],
+                   help="boxes segmented per image (default mode adds the whole image)")
+    p.add_argument("--aggregate", choices=AGGREGATES,
+                   help="merge of proposal maps: pixel-wise max (default) or mean over covering proposals")
+    p.add_argument("--crf", choices=[*sorted(CRF_PRESETS), "none"], default=d["crf"],
+                   help="dense CRF preset: paper (the release's Gaussian 3/3, bilateral 20/3/5, 10 iterations), "
+                        "deeplab, or none")
     p.add_argument("--crf-max-side", type=int, help="run the CRF on at most this longer side")
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help="proposals per forward pass")
     p.add_argument("--images-per-batch", type=int, default=d["images_per_batch"],
@@ -111,11 +125,8 @@ def parse_config(argv: list[str] | None = None) -> SegmentJobConfig:
     values["storage_options"] = opts = storage_options_from(parser, a.storage_option)
     try:
         cfg = SegmentJobConfig(**{k: v for k, v in values.items() if v is not None})  # None: the default
-        ProposalConfig(method=cfg.proposals, max_proposals=cfg.max_proposals, edge_model=cfg.edge_model)
-    except InvalidConfig as e:
-        parser.error("; ".join(f"{FLAGS[name]}: {what}" for name, what in e.problems))
     except ValueError as e:
-        parser.error(str(e))
+        parser.error(config_error(e, FLAGS))
     if a.gallery_size is not None and not a.gallery:
         parser.error("--gallery-size needs --gallery")
     for flag, uri, arch in (("--model", cfg.model, "deconvnet"), ("--fcn-model", cfg.fcn_model, "fcn8s")):

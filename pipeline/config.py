@@ -1,7 +1,7 @@
 """The segment job's configuration: one frozen dataclass, parsed from the
 command line by jobs/segment_dataset.py and recorded in the run's record.
-It checks itself: a bad value is an InvalidConfig (a ValueError) that names
-each field at fault, which the command line turns into its flag."""
+It checks itself: a bad value is a ValueError that names each field at fault
+in backquotes (`batch_size`), which the command line turns into its flag."""
 
 from __future__ import annotations
 
@@ -11,18 +11,11 @@ from typing import Any
 
 from deconvnet import storage
 from deconvnet.crf import CRF_PRESETS
+from deconvnet.inference import INFERENCE_MODES, InferenceConfigs, inference_configs
 from deconvnet.proposals import PROPOSAL_METHODS
 from deconvnet.segmenter import AGGREGATES, ENSEMBLES
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-
-
-class InvalidConfig(ValueError):
-    """Config values that cannot work; `problems` pairs each field with what is wrong."""
-
-    def __init__(self, problems: list[tuple[str, str]]):
-        self.problems = problems
-        super().__init__("; ".join(f"{name}: {what}" for name, what in problems))
 
 
 @dataclass(frozen=True)
@@ -31,12 +24,15 @@ class SegmentJobConfig:
     output: str  # masks/, overlays/, predictions/, runs/, index.html go under it
     model: str  # DeconvNet model directory
     fcn_model: str | None = None  # FCN-8s model directory: EDeconvNet ensemble
-    ensemble: str = "mean"  # the paper's rule; "product" as the original code
-    proposals: str = "grid"  # needs no model file; "edgeboxes" is the paper's
+    # "original": what the authors' release does; "default": the project's rules
+    # (deconvnet/inference.py has the one table of differences).
+    inference: str = "default"
+    ensemble: str | None = None  # None: the mode's (mean of probabilities; original: its relu-product)
+    proposals: str | None = None  # None: edgeboxes with an edge model, else grid (needs no model file)
     edge_model: str | None = None  # structured-edge model for edgeboxes
-    max_proposals: int = 50  # the paper's top 50 (+ the whole image)
-    aggregate: str = "max"  # pixel-wise max over proposals, as the paper
-    crf: str = "paper"  # "paper", "deeplab" or "none"
+    max_proposals: int = 50  # the paper's top 50
+    aggregate: str | None = None  # None: the mode's (pixel-wise max)
+    crf: str = "paper"  # "paper" (the release's parameters), "deeplab" or "none"
     crf_max_side: int | None = None  # run the CRF on at most this longer side
     batch_size: int = 32  # proposals per forward pass; bounds GPU memory
     images_per_batch: int = 8  # images handed to a segment actor per call
@@ -60,17 +56,19 @@ class SegmentJobConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        problems: list[tuple[str, str]] = []
+        problems: list[str] = []
 
         def check(name: str, ok: bool, what: str) -> None:
             if not ok:
-                problems.append((name, f"{what}, got {getattr(self, name)!r}"))
+                problems.append(f"`{name}` {what}, got {getattr(self, name)!r}")
 
         for name in ("input", "output", "model"):
             check(name, bool(getattr(self, name)), "must be a URI or path")
-        check("ensemble", self.ensemble in ENSEMBLES, f"must be one of {', '.join(ENSEMBLES)}")
-        check("proposals", self.proposals in PROPOSAL_METHODS, f"must be one of {', '.join(sorted(PROPOSAL_METHODS))}")
-        check("aggregate", self.aggregate in AGGREGATES, f"must be one of {', '.join(AGGREGATES)}")
+        check("inference", self.inference in INFERENCE_MODES, f"must be one of {', '.join(INFERENCE_MODES)}")
+        check("ensemble", self.ensemble in (None, *ENSEMBLES), f"must be one of {', '.join(ENSEMBLES)}")
+        check("proposals", self.proposals in (None, *PROPOSAL_METHODS),
+              f"must be one of {', '.join(sorted(PROPOSAL_METHODS))}")
+        check("aggregate", self.aggregate in (None, *AGGREGATES), f"must be one of {', '.join(AGGREGATES)}")
         check("crf", self.crf in (*CRF_PRESETS, "none"), f"must be one of {', '.join([*sorted(CRF_PRESETS), 'none'])}")
         check("device", self.device in ("auto", "gpu", "cpu"), "must be auto, gpu or cpu")
         check("max_proposals", self.max_proposals >= 0, "must be >= 0")
@@ -84,7 +82,17 @@ class SegmentJobConfig:
         check("gpu_actors", self.gpu_actors is None or 1 <= self.gpu_actors[0] <= self.gpu_actors[1],
               "need 1 <= MIN <= MAX")
         if problems:
-            raise InvalidConfig(problems)
+            raise ValueError("; ".join(problems))
+        try:
+            self.inference_configs()
+        except ValueError as e:  # a rule the mode fixes, or edgeboxes without a model
+            raise ValueError(f"`inference` {self.inference}: {e}") from None
+
+    def inference_configs(self) -> InferenceConfigs:
+        """The proposal, segmenter and CRF configs of this run's inference mode."""
+        return inference_configs(self.inference, proposals=self.proposals, max_proposals=self.max_proposals,
+                                 edge_model=self.edge_model, batch_size=self.batch_size, aggregate=self.aggregate,
+                                 ensemble=self.ensemble, crf=self.crf, crf_max_side=self.crf_max_side)
 
     def record(self) -> dict[str, Any]:
         """The config as written to runs/<id>.json: secrets redacted."""

@@ -21,10 +21,7 @@ from typing import Any
 import ray
 
 from deconvnet import storage
-from deconvnet.crf import crf_config
-from deconvnet.proposals import ProposalConfig
 from deconvnet.records import now_iso
-from deconvnet.segmenter import SegmenterConfig
 from deconvnet.weights import ModelInfo, read_model_info
 
 from . import gallery, rows, stages
@@ -32,9 +29,10 @@ from .compaction import compact, needs_compaction
 from .config import SegmentJobConfig
 from .listing import LISTING_CPUS, ListingSource, Tally
 
-BLOCK_BYTES = 4 * 2**20
-STREAMING_BUFFER_BLOCKS = 64
 from .outputs import PredictionWriter, iter_rows, latest_rows, new_run_id, read_predictions, write_run_record
+
+BLOCK_BYTES = 4 * 2**20  # Ray Data's block target: see plan()
+STREAMING_BUFFER_BLOCKS = 64  # blocks a task may yield ahead of its consumer: see plan()
 
 
 class JobFailed(RuntimeError):
@@ -73,18 +71,18 @@ def plan(cfg: SegmentJobConfig, info: ModelInfo, run_id: str, tally, stage_fns=s
     # One segment-actor batch per block, as the stages take them: spreads a window over
     # every task and actor (a streaming split, not a shuffle).
     ds = ds.repartition(target_num_rows_per_block=cfg.images_per_batch)
-    proposals = ProposalConfig(method=cfg.proposals, max_proposals=cfg.max_proposals, edge_model=cfg.edge_model)
+    inference = cfg.inference_configs()  # proposals, segmenter and CRF of --inference
     # Reading and decoding wait on storage as much as they compute: half a CPU
     # each. The different request also keeps Ray from fusing them into the
     # segment actor, where they would stall the model.
     ds = ds.map_batches(stage_fns.read_and_propose, batch_size=cfg.images_per_batch, num_cpus=0.5, **remote,
-                        fn_kwargs={"proposals": proposals, "storage_options": opts})
+                        fn_kwargs={"proposals": inference.proposals, "storage_options": opts})
     ds = ds.map_batches(
         stage_fns.SegmentActor, batch_size=cfg.images_per_batch,
         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
         fn_constructor_kwargs={
             "model": cfg.model, "fcn_model": cfg.fcn_model,
-            "config": SegmenterConfig(batch_size=cfg.batch_size, aggregate=cfg.aggregate, ensemble=cfg.ensemble),
+            "config": inference.segmenter,
             "with_crf": with_crf,
             "cpu_threads": int(cfg.cpus_per_actor) if cfg.cpus_per_actor else None, "pool_size": hi,
             "storage_options": opts},
@@ -92,10 +90,9 @@ def plan(cfg: SegmentJobConfig, info: ModelInfo, run_id: str, tally, stage_fns=s
         # lost actor is replaced and its batch retried; writes are idempotent.
         **actor_resources, **remote)
     if with_crf:
-        crf = crf_config(cfg.crf, max_side=cfg.crf_max_side)
         ds = ds.map_batches(stage_fns.refine, batch_size=1, num_cpus=1, **remote,
                             compute=ray.data.TaskPoolStrategy(size=cfg.crf_cpus) if cfg.crf_cpus else None,
-                            fn_kwargs={"crf": crf})
+                            fn_kwargs={"crf": inference.crf})
     ds = ds.map_batches(stage_fns.write, batch_size=cfg.images_per_batch, num_cpus=1, **remote, fn_kwargs={
         "output": cfg.output, "num_classes": info.config.num_classes, "palette": info.palette_array(),
         "model_id": info.model_id, "run_id": run_id, "storage_options": opts})

@@ -71,7 +71,7 @@ def read_and_propose(batch: Batch, proposals: ProposalConfig, storage_options: d
             continue
         try:
             images[i] = decode_image(storage.read_bytes(uri, storage_options))
-            boxes[i] = propose(images[i], proposals)
+            boxes[i] = propose(images[i], proposals, storage_options)
         except BadImage as e:
             _error(batch, i, str(e), True)
         except (FileNotFoundError, PermissionError) as e:  # gone or forbidden since listing: retry next run
@@ -99,19 +99,19 @@ class SegmentActor:
                                                   storage_options=storage_options)
         self.with_crf = with_crf
 
-    def _segment(self, images: list[np.ndarray], boxes: list[np.ndarray]) -> list[np.ndarray | Exception]:
+    def _maps(self, images: list[np.ndarray], boxes: list[np.ndarray]) -> list[np.ndarray | Exception]:
         try:
-            return self.segmenter.segment(images, boxes)
+            return self.segmenter.probabilities(images, boxes)
         except (RuntimeError, ValueError) as batch_error:  # e.g. out of memory: isolate the culprit
             if len(images) == 1:
                 return [batch_error]
-            return [self._segment([im], [b])[0] for im, b in zip(images, boxes)]
+            return [self._maps([im], [b])[0] for im, b in zip(images, boxes)]
 
     def __call__(self, batch: Batch) -> Batch:
         batch, n = _writable(batch), len(batch["image_uri"])
         ok = [i for i in range(n) if batch["status"][i] == "ok"]
         t0 = time.perf_counter()
-        maps = self._segment([batch["image"][i] for i in ok], [batch["boxes"][i] for i in ok])
+        maps = self._maps([batch["image"][i] for i in ok], [batch["boxes"][i] for i in ok])
         elapsed = time.perf_counter() - t0
         total = max(1, sum(len(batch["boxes"][i]) for i in ok))
         probs, labels = [np.zeros((0, 0, 0), np.float16)] * n, [EMPTY_LABELS] * n

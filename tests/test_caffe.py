@@ -186,7 +186,7 @@ def test_segmenter_through_converted_model_matches_caffe(tmp_path, tiny_params):
     caffe.convert_caffemodel(str(src), str(tmp_path / "m"), classes=CLASSES)
     seg = Segmenter.from_model_dir(str(tmp_path / "m"), SegmenterConfig(dtype="fp32"), device="cpu")
     rgb = _image(224, 224, seed=3)
-    probs = seg.segment([rgb], [np.array([[0, 0, 224, 224]])])[0]
+    probs = seg.probabilities([rgb], [np.array([[0, 0, 224, 224]])])[0]
     with torch.inference_mode():
         ref = caffe_deconvnet_forward(tiny_params, _caffe_input(rgb)).softmax(1)[0].numpy()
     # float32: a few pixels differ where a pool's near-tie moved a switch (see _our_input);

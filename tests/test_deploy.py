@@ -13,7 +13,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import jsonschema
@@ -22,14 +21,12 @@ import yaml
 
 from deconvnet.training import TrainConfig
 from pipeline.config import SegmentJobConfig
+from jobs import segment_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 CLUSTER = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
 WORKERS = {k: v for k, v in CLUSTER["available_node_types"].items() if k != CLUSTER["head_node_type"]}
-
-sys.path.insert(0, str(ROOT / "jobs"))
-import segment_dataset  # noqa: E402
 
 
 def _default(cls, name: str):

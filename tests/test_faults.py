@@ -29,9 +29,8 @@ from test_pipeline import FAST, predictions
 
 from deconvnet import storage
 from deconvnet.voc import decode_label_png
+from jobs import segment_dataset
 
-sys.path.insert(0, "jobs")
-import segment_dataset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,6 @@ import http.server
 import io
 import random
 import re
-import sys
 import threading
 from html import escape
 from pathlib import Path
@@ -24,9 +23,8 @@ from deconvnet import storage
 from deconvnet.voc import VOC_CLASSES, voc_palette
 from pipeline import gallery
 from pipeline.outputs import PREDICTION_SCHEMA, latest_rows
+from jobs import segment_dataset
 
-sys.path.insert(0, "jobs")
-import segment_dataset  # noqa: E402
 
 FAST = ["--max-proposals", "3", "--batch-size", "8", "--images-per-batch", "4", "--crf", "none"]
 RUN = {"run_id": "20260101T000000Z-abcdef", "model_id": "deconvnet-test", "counts": {"ok": 3, "error": 1}}

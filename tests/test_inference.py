@@ -43,7 +43,7 @@ def segment(mode, scores, image, boxes, fcn_scores=None):
     cfg = mode.segmenter
     fcn = (Scripted([fcn_scores]), FCN_INFO) if fcn_scores is not None else None
     model = Scripted(scores)
-    probs = Segmenter(model, INFO, cfg, "cpu", fcn=fcn).segment([image], [np.asarray(boxes, np.float32)])[0]
+    probs = Segmenter(model, INFO, cfg, "cpu", fcn=fcn).probabilities([image], [np.asarray(boxes, np.float32)])[0]
     return probs, model
 
 

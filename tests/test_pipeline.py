@@ -17,10 +17,9 @@ from corpus import corpus
 from deconvnet import storage
 from deconvnet.voc import decode_label_png
 from pipeline.job import run
-from pipeline.outputs import relative_key
+from pipeline.outputs import iter_rows, read_predictions, relative_key
+from jobs import segment_dataset
 
-sys.path.insert(0, "jobs")
-import segment_dataset  # noqa: E402
 
 CORPUS = corpus()
 FAST = ["--max-proposals", "3", "--batch-size", "8", "--images-per-batch", "4"]
@@ -109,6 +108,28 @@ def test_fail_on_error_exits_1(ray_session, tmp_path, tiny_model):
                                  "--fail-on-error", *FAST]) == 1
 
 
+def test_inference_original_runs_the_releases_rules(ray_session, tmp_path, tiny_model):
+    """--inference original end to end: proposals as the release takes them (no
+    whole-image box, boxes under 112 px skipped), the mode in the run's record."""
+    from deconvnet.imageio import decode_image
+    from deconvnet.inference import inference_configs
+    from deconvnet.proposals import propose
+
+    photo = CORPUS["ok/photo.jpg"]
+    images = upload(str(tmp_path), {"ok/photo.jpg": photo}, prefix="in")
+    out = str(tmp_path / "out")
+    assert segment_dataset.main(["--input", images, "--output", out, "--model", tiny_model, "--inference", "original",
+                                 "--max-proposals", "50", "--crf", "paper", "--fail-on-error"]) == 0
+    (row,) = iter_rows(read_predictions(out))
+    expected = propose(decode_image(photo[0]), inference_configs("original").proposals)
+    assert row["status"] == "ok" and row["num_proposals"] == len(expected)
+    h, w = row["height"], row["width"]
+    assert not any(np.array_equal(b, [0, 0, w, h]) for b in expected)
+    assert all(min(b[2] - b[0], b[3] - b[1]) >= 112 for b in expected)
+    (record,) = [json.loads(storage.read_bytes(u)) for u in storage.list_files(f"{out}/runs")]
+    assert record["config"]["inference"] == "original"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "/nonexistent/model"], "--model: /nonexistent/model is not a model directory"),
     (["--crf", "fancy"], "invalid choice: 'fancy'"),
@@ -116,7 +137,10 @@ def test_fail_on_error_exits_1(ray_session, tmp_path, tiny_model):
     (["--proposals", "edgeboxes"], "needs a structured-edge model"),
     (["--input", "/nonexistent/images"], "--input: nothing at /nonexistent/images"),
     (["--storage-option", "novalue"], "KEY=VALUE"),
-    (["--gallery-size", "0"], "--gallery-size: must be >= 1, got 0"),
+    (["--gallery-size", "0"], "--gallery-size must be >= 1, got 0"),
+    (["--inference", "original", "--ensemble", "mean"],
+     "--inference original: --ensemble: inference 'original' uses 'relu-product'"),
+    (["--inference", "paper"], "invalid choice: 'paper'"),
     (["--gallery-size", "5"], "--gallery-size needs --gallery"),
 ])
 def test_bad_arguments_are_one_line_and_exit_2(tmp_path, tiny_model, args, message):

@@ -150,8 +150,8 @@ def _images_and_boxes():
 @pytest.mark.parametrize("aggregate", ["max", "mean"])
 def test_mixed_batches_equal_images_alone(tiny_segmenter, aggregate):
     images, boxes = _images_and_boxes()
-    mixed = tiny_segmenter(batch_size=4, aggregate=aggregate).segment(images, boxes)  # batches span images
-    alone = [tiny_segmenter(batch_size=5, aggregate=aggregate).segment([im], [b])[0]
+    mixed = tiny_segmenter(batch_size=4, aggregate=aggregate).probabilities(images, boxes)  # batches span images
+    alone = [tiny_segmenter(batch_size=5, aggregate=aggregate).probabilities([im], [b])[0]
              for im, b in zip(images, boxes)]
     for m, a, im in zip(mixed, alone, images):
         assert m.shape == (21, *im.shape[:2])
@@ -162,8 +162,8 @@ def test_mixed_batches_equal_images_alone(tiny_segmenter, aggregate):
 def test_same_input_gives_the_same_labels(tiny_segmenter):
     images, boxes = _images_and_boxes()
     seg = tiny_segmenter(batch_size=3)
-    a = [p.argmax(0) for p in seg.segment(images, boxes)]
-    b = [p.argmax(0) for p in seg.segment(images, boxes)]
+    a = [p.argmax(0) for p in seg.probabilities(images, boxes)]
+    b = [p.argmax(0) for p in seg.probabilities(images, boxes)]
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
@@ -208,9 +208,9 @@ def test_edeconvnet_combines_with_fcn8s_by_the_named_rule(rule):
         fcn.score_fr.weight.normal_(std=1.0)  # FCN-8s scores start at zero: make them say something
     images, boxes = _images_and_boxes()
     config = SegmenterConfig(batch_size=4, ensemble=rule)
-    alone = Segmenter(deconv, ModelInfo(config=cfg), config, "cpu").segment(images, boxes)
+    alone = Segmenter(deconv, ModelInfo(config=cfg), config, "cpu").probabilities(images, boxes)
     both = Segmenter(deconv, ModelInfo(config=cfg), config, "cpu",
-                     fcn=(fcn, ModelInfo(config=fcfg))).segment(images, boxes)
+                     fcn=(fcn, ModelInfo(config=fcfg))).probabilities(images, boxes)
     for a, b, im in zip(alone, both, images):
         x = torch.from_numpy(im).permute(2, 0, 1).float()[None]
         mean = torch.tensor(ModelInfo(config=fcfg).mean).view(1, 3, 1, 1) * 255
