@@ -96,12 +96,10 @@ def main(argv=None) -> dict:
         "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
     }
     limit = f" of {peak:.0f} ({100 * tflops / peak:.1f}%)" if peak else ""
-    print(f"{args.preset} {args.dtype}{' channels_last' if args.channels_last else ''}"
-          f"{' compiled' if args.compile else ''} batch {args.batch_size} on {rec['device_name']}: "
-          f"{rec['ms_per_batch']:.1f} ms/batch (median of {args.iters}), "
-          f"{rate:.1f} proposals/s, {tflops:.2f} TFLOP/s{limit}")
-    record.append(args.out, [rec])
-    return rec
+    return record.report(args.out, rec, f"{args.preset} {args.dtype}{' channels_last' if args.channels_last else ''}"
+                         f"{' compiled' if args.compile else ''} batch {args.batch_size} on {rec['device_name']}: "
+                         f"{rec['ms_per_batch']:.1f} ms/batch (median of {args.iters}), "
+                         f"{rate:.1f} proposals/s, {tflops:.2f} TFLOP/s{limit}")
 
 
 if __name__ == "__main__":

@@ -20,3 +20,10 @@ def append(path: str, records: Iterable[dict[str, Any]]) -> None:
     with open(path, "a") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
+
+
+def report(path: str, rec: dict[str, Any], line: str) -> dict[str, Any]:
+    """Print a measurement's one-line summary and append it to `path`."""
+    print(line)
+    append(path, [rec])
+    return rec

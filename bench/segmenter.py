@@ -76,11 +76,10 @@ def main(argv=None) -> dict:
            "propose_ms_per_image": round(propose_ms, 1),
            "segment_ms_per_image": round(statistics.median(times) * 1e3 / a.images, 1),
            "forward_only_ms_per_image": round(statistics.median(fwd) * 1e3 / a.images, 1)}
-    print(f"{a.preset} on {rec['device']} ({rec['threads']} threads), {n_props / a.images:.0f} proposals/image, "
-          f"batch {a.batch_size}: propose {rec['propose_ms_per_image']} ms, segment "
-          f"{rec['segment_ms_per_image']} ms/image (forward alone {rec['forward_only_ms_per_image']} ms)")
-    record.append(a.out, [rec])
-    return rec
+    setting = f"{a.preset} on {rec['device']} ({rec['threads']} threads), {n_props / a.images:.0f} proposals/image"
+    times_ms = (f"propose {rec['propose_ms_per_image']} ms, segment {rec['segment_ms_per_image']} ms/image "
+                f"(forward alone {rec['forward_only_ms_per_image']} ms)")
+    return record.report(a.out, rec, f"{setting}, batch {a.batch_size}: {times_ms}")
 
 
 if __name__ == "__main__":

@@ -207,20 +207,37 @@ def _blob(buf, start: int, end: int) -> Blob:
     return Blob(tuple(int(d) for d in shape), data)
 
 
-def _v1_layer(buf, start: int, end: int) -> Layer:
-    name, type_, bottoms, tops, blobs, bn_mode = "", "NONE", [], [], [], None
+# Field numbers of the parts every layer has: V1LayerParameter, then LayerParameter.
+_V1_FIELDS = {4: "name", 5: "type", 2: "bottoms", 3: "tops", 6: "blobs"}
+_NEW_FIELDS = {1: "name", 2: "type", 3: "bottoms", 4: "tops", 7: "blobs"}
+
+
+def _layer(buf, start: int, end: int, numbers: dict[int, str]) -> tuple[dict, list]:
+    """A layer message's name, type, bottoms, tops and blobs by `numbers`, and
+    the fields it did not use as (num, wire type, value)."""
+    got: dict = {"name": "", "type": "NONE", "bottoms": [], "tops": [], "blobs": []}
+    rest = []
     for num, wt, v in _fields(buf, start, end):
-        if num == 4:
-            name = _string(buf, v)
-        elif num == 5 and wt == 0:
-            type_ = _V1_NAMES.get(v, f"TYPE_{v}")
-        elif num == 2:
-            bottoms.append(_string(buf, v))
-        elif num == 3:
-            tops.append(_string(buf, v))
-        elif num == 6:
-            blobs.append(_blob(buf, *_span(v, "blob")))
-        elif num == 45:  # the fork's bn_param; bn_mode 3, LEARN when absent
+        role = numbers.get(num)
+        if role == "name":
+            got["name"] = _string(buf, v)
+        elif role == "type":  # V1: an enum; the `layer` format: a string
+            got["type"] = _V1_NAMES.get(v, f"TYPE_{v}") if wt == 0 else _NEW_NAMES.get(
+                _string(buf, v), _string(buf, v).upper())
+        elif role in ("bottoms", "tops"):
+            got[role].append(_string(buf, v))
+        elif role == "blobs":
+            got["blobs"].append(_blob(buf, *_span(v, "blob")))
+        else:
+            rest.append((num, wt, v))
+    return got, rest
+
+
+def _v1_layer(buf, start: int, end: int) -> Layer:
+    got, rest = _layer(buf, start, end, _V1_FIELDS)
+    bn_mode = None
+    for num, _, v in rest:
+        if num == 45:  # the fork's bn_param; bn_mode 3, LEARN when absent
             bn_mode = "LEARN"
             for n2, wt2, v2 in _fields(buf, *_span(v, "bn_param")):
                 if n2 == 3 and wt2 == 0:
@@ -228,31 +245,19 @@ def _v1_layer(buf, start: int, end: int) -> Layer:
         elif num == 1:  # a V0 layer inside (the oldest files): name 1, type 2, blobs 50
             for n2, _, v2 in _fields(buf, *_span(v, "V0 layer")):
                 if n2 == 1:
-                    name = _string(buf, v2)
+                    got["name"] = _string(buf, v2)
                 elif n2 == 2:
-                    type_ = _string(buf, v2).upper()
+                    got["type"] = _string(buf, v2).upper()
                 elif n2 == 50:
-                    blobs.append(_blob(buf, *_span(v2, "blob")))
-    if type_ == "BN" and bn_mode is None:
+                    got["blobs"].append(_blob(buf, *_span(v2, "blob")))
+    if got["type"] == "BN" and bn_mode is None:
         bn_mode = "LEARN"  # bn_param's default in the fork's caffe.proto
-    return Layer(name, type_, tuple(bottoms), tuple(tops), tuple(blobs), bn_mode)
+    return Layer(got["name"], got["type"], tuple(got["bottoms"]), tuple(got["tops"]), tuple(got["blobs"]), bn_mode)
 
 
 def _new_layer(buf, start: int, end: int) -> Layer:
-    name, type_, bottoms, tops, blobs = "", "NONE", [], [], []
-    for num, _, v in _fields(buf, start, end):
-        if num == 1:
-            name = _string(buf, v)
-        elif num == 2:
-            t = _string(buf, v)
-            type_ = _NEW_NAMES.get(t, t.upper())
-        elif num == 3:
-            bottoms.append(_string(buf, v))
-        elif num == 4:
-            tops.append(_string(buf, v))
-        elif num == 7:
-            blobs.append(_blob(buf, *_span(v, "blob")))
-    return Layer(name, type_, tuple(bottoms), tuple(tops), tuple(blobs))
+    got, _ = _layer(buf, start, end, _NEW_FIELDS)
+    return Layer(got["name"], got["type"], tuple(got["bottoms"]), tuple(got["tops"]), tuple(got["blobs"]))
 
 
 def parse_caffemodel(buf, source: str = "caffemodel") -> CaffeNet:

@@ -212,7 +212,9 @@ class FCN8s(nn.Module):
     """FCN-8s (Long, Shelhamer, Darrell, CVPR 2015) with DeconvNet's output
     contract: logits (N, num_classes, H, W) at the input's size, for any size.
 
-    The crop/align arithmetic is the original's: conv1_1 pads by 100, fc6 is an
+    The crop/align arithmetic is that of the FCN authors' net (model/FCN/
+    fcn-8s-pascal-deploy.prototxt in HyeonwooNoh/DeconvNet, whose CROP layers
+    Caffe aligns at these offsets): conv1_1 pads by 100, fc6 is an
     unpadded 7x7 conv, score_fr is upsampled 2x and fused with score_pool4
     (cropped at offset 5), upsampled 2x and fused with score_pool3 (offset 9),
     then upsampled 8x and cropped at offset 31.
@@ -242,7 +244,7 @@ class FCN8s(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Score layers zero, upsampling bilinear (the original's surgery)."""
+        """Score layers zero, upsampling bilinear (the FCN authors' net surgery)."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
