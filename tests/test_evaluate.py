@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,13 +30,12 @@ from deconvnet.model import build_model, preset
 from deconvnet.voc import VOC_CLASSES, encode_label_png
 from deconvnet.weights import ModelInfo, save_model_dir
 from jobs import evaluate, segment_dataset
+from pipeline import rows
 from pipeline.outputs import PredictionWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 PROPOSALS = ["--proposals", "grid"]  # the training job's default for its val evaluation
 MAX_PROPOSALS = "3"  # val: 3 grid boxes + the whole image, in both jobs
-
-
 
 
 # ------------------------------------------------ train -> segment -> evaluate
@@ -145,12 +145,12 @@ def _output(base: str, masks: dict[str, np.ndarray], model_id: str, run_id: str,
         if status == "ok":
             storage.write_bytes(mask, encode_label_png(labels))
         pixels = np.bincount(labels.ravel(), minlength=num_classes).tolist()
-        writer.add([{"image_uri": f"s3://in/{rel}", "mask_uri": mask if status == "ok" else "",
+        writer.add(pa.Table.from_pylist([{"image_uri": f"s3://in/{rel}", "mask_uri": mask if status == "ok" else "",
                      "overlay_uri": "", "status": status, "error": "" if status == "ok" else "bad",
                      "permanent": False, "width": labels.shape[1], "height": labels.shape[0],
                      "classes": [], "class_pixels": pixels, "mean_confidence": 1.0, "num_proposals": 1,
                      "source_size": 1, "source_version": "1", "model_id": model_id, "run_id": run_id,
-                     "seconds": 0.0}])
+                     "seconds": 0.0}], schema=rows.SCHEMA))
     writer.flush()
 
 
