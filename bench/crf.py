@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from deconvnet.crf import CRF_PRESETS, crf_config, dense_crf
+from deconvnet.crf import CRF_PRESETS, CRFConfig, dense_crf
+from deconvnet.inference import INFERENCE_MODES, inference_configs
 
 NUM_CLASSES = 21  # PASCAL VOC
 BACKGROUND, CAR, DOG, PERSON = 0, 7, 12, 15
@@ -126,6 +127,12 @@ def timed(repeats: int, fn, *args):
     return statistics.median(times), result
 
 
+def crf_settings(**overrides) -> dict[str, CRFConfig]:
+    """Every CRF preset as each inference mode runs it ('paper/original', ...)."""
+    return {f"{name}/{mode}": inference_configs(mode, crf=name, **overrides).crf
+            for name in CRF_PRESETS for mode in INFERENCE_MODES}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -138,16 +145,15 @@ def main() -> None:
     results: dict = {"machine": {"python": platform.python_version(), "cpu_count": os.cpu_count(),
                                  "torch_threads": torch.get_num_threads()},
                      "repeats": args.repeats, "presets": [], "max_side": []}
-    print(f"{'size':>9} {'preset':>8} {'ms':>8} {'acc before':>10} {'acc after':>9} "
+    print(f"{'size':>9} {'preset/mode':>16} {'ms':>8} {'acc before':>10} {'acc after':>9} "
           f"{'mIoU before':>11} {'mIoU after':>10}")
     full_labels = {}
     for width, height in ((500, 375), (1000, 750)):
         image, truth = scene(width, height)
         probs = network_like_probs(truth)
         before = probs.argmax(axis=0)
-        for name in CRF_PRESETS:
-            ms, (labels, confidence) = timed(args.repeats, dense_crf, image, probs,
-                                             crf_config(name))
+        for name, config in crf_settings().items():
+            ms, (labels, confidence) = timed(args.repeats, dense_crf, image, probs, config)
             full_labels[width, name] = labels
             row = {"size": f"{width}x{height}", "preset": name, "ms": round(ms, 1),
                    "acc_before": float((before == truth).mean()),
@@ -155,22 +161,21 @@ def main() -> None:
                    "miou_before": mean_iou(before, truth), "miou_after": mean_iou(labels, truth),
                    "mean_confidence": float(confidence.mean())}
             results["presets"].append(row)
-            print(f"{row['size']:>9} {name:>8} {ms:8.1f} {row['acc_before']:10.4f} "
+            print(f"{row['size']:>9} {name:>16} {ms:8.1f} {row['acc_before']:10.4f} "
                   f"{row['acc_after']:9.4f} {row['miou_before']:11.4f} {row['miou_after']:10.4f}")
 
     image, truth = scene(1000, 750)
     probs = network_like_probs(truth)
     print(f"\n1000x750, CRF at a reduced max_side vs full resolution\n"
-          f"{'preset':>8} {'max_side':>8} {'ms':>8} {'agree %':>8} {'mIoU':>7}")
-    for name in CRF_PRESETS:
-        for max_side in args.max_sides:
-            config = crf_config(name, max_side=max_side)
+          f"{'preset/mode':>16} {'max_side':>8} {'ms':>8} {'agree %':>8} {'mIoU':>7}")
+    for max_side in args.max_sides:
+        for name, config in crf_settings(crf_max_side=max_side).items():
             ms, (labels, _) = timed(args.repeats, dense_crf, image, probs, config)
             row = {"preset": name, "max_side": max_side, "ms": round(ms, 1),
                    "agreement_pct": float((labels == full_labels[1000, name]).mean() * 100),
                    "miou": mean_iou(labels, truth)}
             results["max_side"].append(row)
-            print(f"{name:>8} {max_side:>8} {ms:8.1f} {row['agreement_pct']:8.2f} "
+            print(f"{name:>16} {max_side:>8} {ms:8.1f} {row['agreement_pct']:8.2f} "
                   f"{row['miou']:7.4f}")
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
