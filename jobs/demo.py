@@ -55,11 +55,13 @@ def main(argv=None) -> int:
     os.makedirs(os.path.join(images, "scenes"), exist_ok=True)
     with open(os.path.join(data, "ImageSets", "Segmentation", "val.txt")) as f:
         val = [line.strip() for line in f if line.strip()]
+    # copy2 keeps the files' mtimes, their version on a local disk: a second
+    # `make demo` finds nothing new to label.
     for i in val:
-        shutil.copy(os.path.join(data, "JPEGImages", f"{i}.jpg"), os.path.join(images, "scenes", f"{i}.jpg"))
+        shutil.copy2(os.path.join(data, "JPEGImages", f"{i}.jpg"), os.path.join(images, "scenes", f"{i}.jpg"))
     os.makedirs(os.path.join(images, "photos"), exist_ok=True)
-    shutil.copy(os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg"),
-                os.path.join(images, "photos", "grace_hopper.jpg"))
+    shutil.copy2(os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg"),
+                 os.path.join(images, "photos", "grace_hopper.jpg"))
     labels = os.path.join(a.out, "labels")
     sh("jobs/segment_dataset.py", "--input", images, "--output", labels, "--model", model, "--overlays", "--gallery")
     print(f"\nLook at: {labels}/index.html (the gallery), {labels}/overlays/ (colours over the photos), "
