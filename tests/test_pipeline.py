@@ -3,14 +3,12 @@ embedded Ray, the tiny model, and the bad-file corpus."""
 
 from __future__ import annotations
 
-import io
 import re
 import json
 import subprocess
 import sys
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from corpus import corpus
 
@@ -32,10 +30,8 @@ def upload(base: str, files: dict[str, tuple[bytes, str, object]], prefix: str =
 
 
 def predictions(output: str) -> list[dict]:
-    rows = []
-    for part in storage.list_files(storage.join(output, "predictions"), [".parquet"]):
-        rows += pq.read_table(io.BytesIO(storage.read_bytes(part))).to_pylist()
-    return rows
+    """Every row under predictions/ (none when no part was written yet)."""
+    return list(iter_rows(read_predictions(output)))
 
 
 def test_s3_end_to_end_with_bad_files_then_incremental(ray_session, s3_bucket, tiny_model):
