@@ -18,6 +18,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -59,21 +60,32 @@ class Page:
 
 def load_pages(urls: list[str], out_dir: Path, timeout: float = 60.0) -> list[Page]:
     """Open each URL in turn in one fresh headless Chromium; screenshots go to out_dir."""
-    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
+    # Chromium's helper processes may still write to the profile as the browser
+    # exits: the whole process group is stopped, and the profile's removal may
+    # not fail the test over a file written at the last moment.
+    with tempfile.TemporaryDirectory(prefix="chromium-", ignore_cleanup_errors=True) as profile:
         log = open(Path(profile) / "stderr.log", "wb")
         proc = subprocess.Popen([find_chromium(), *FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         try:
             endpoint = _devtools_endpoint(Path(profile), proc, timeout)
             return asyncio.run(asyncio.wait_for(_load_all(endpoint, urls, out_dir), timeout))
         finally:
-            proc.terminate()
+            _signal_group(proc, signal.SIGTERM)
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                _signal_group(proc, signal.SIGKILL)
                 proc.wait()
+            _signal_group(proc, signal.SIGKILL)  # helpers that outlived the browser
             log.close()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _devtools_endpoint(profile: Path, proc: subprocess.Popen, timeout: float) -> str:
