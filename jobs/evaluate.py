@@ -39,7 +39,6 @@ files), 2 a bad argument (one line on stderr, before any scoring).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import posixpath
 import sys
@@ -53,6 +52,7 @@ import pyarrow.compute as pc
 from deconvnet import storage
 from deconvnet.cli import add_storage_option_arg, storage_options_from
 from deconvnet.metrics import ConfusionMatrix
+from deconvnet.records import read_json, write_json
 from deconvnet.voc import VAL_LIST, decode_label_png, read_list
 from deconvnet.weights import read_model_info
 from pipeline.outputs import iter_rows, latest_rows, read_predictions
@@ -112,8 +112,7 @@ def class_names(predictions: str, row: dict[str, Any], num_classes: int, storage
     """The model's class names, from the model directory its run recorded; None
     when that directory is gone or holds another model by now."""
     try:
-        record = json.loads(storage.read_bytes(
-            storage.join(predictions, "runs", f"{row['run_id']}.json"), storage_options))
+        record = read_json(storage.join(predictions, "runs", f"{row['run_id']}.json"), storage_options)
         info = read_model_info(record["config"]["model"], storage_options)
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -266,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     storage.write_bytes(storage.join(out, "iou.csv"), cm.to_csv(names).encode(), opts)
     storage.write_bytes(storage.join(out, "iou.md"), markdown.encode(), opts)
-    storage.write_bytes(storage.join(out, "summary.json"), json.dumps(summary, indent=2).encode(), opts)
+    write_json(storage.join(out, "summary.json"), summary, opts)
     print(f"written: {storage.join(out, 'iou.csv')}, iou.md, summary.json")
     return 0
 

@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from deconvnet import storage
+from deconvnet.records import write_json
 
 from . import rows
 
@@ -226,6 +227,4 @@ class PredictionWriter:
 
 
 def write_run_record(output: str, run_id: str, record: dict[str, Any], storage_options=None) -> str:
-    uri = storage.join(output, "runs", f"{run_id}.json")
-    storage.write_bytes(uri, json.dumps(record, indent=2, default=str).encode(), storage_options)
-    return uri
+    return write_json(storage.join(output, "runs", f"{run_id}.json"), record, storage_options)

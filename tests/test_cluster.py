@@ -18,20 +18,17 @@ at the exit code of `ray job submit` itself.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import time
 import uuid
 
-import pyarrow.parquet as pq
 import pytest
 from clusterutil import LocalCluster
-from corpus import _save, scene
-from PIL import Image
 
 from deconvnet import storage, synthetic
-from deconvnet.voc import decode_label_png
+from test_faults import assert_one_ok_row_and_mask_per_input, upload_scenes
+from test_pipeline import predictions
 
 SUBMIT_TIMEOUT = 240
 
@@ -74,20 +71,6 @@ def bucket(s3_endpoint) -> str:
     return f"s3://{name}"
 
 
-def upload_images(prefix: str, n: int, h: int = 120, w: int = 160) -> str:
-    for i in range(n):
-        storage.write_bytes(storage.join(prefix, f"cam{i % 2}", f"img_{i:02d}.jpg"),
-                            _save(Image.fromarray(scene(h, w, seed=i)), "JPEG", quality=90))
-    return prefix
-
-
-def predictions(output: str) -> list[dict]:
-    rows = []
-    for part in storage.list_files(storage.join(output, "predictions"), [".parquet"]):
-        rows += pq.read_table(io.BytesIO(storage.read_bytes(part))).to_pylist()
-    return rows
-
-
 def run_records(output: str) -> list[dict]:
     try:
         uris = storage.list_files(storage.join(output, "runs"), [".json"])
@@ -124,23 +107,13 @@ def segment_argv(images: str, output: str, model: str, *extra: str) -> list[str]
             "--device", "gpu", "--max-proposals", "3", "--batch-size", "8", "--images-per-batch", "2", *extra]
 
 
-def assert_one_ok_row_and_mask_per_input(images: str, output: str) -> list[dict]:
-    rows = predictions(output)
-    uris = [r["image_uri"] for r in rows]
-    assert sorted(uris) == sorted(storage.list_files(images)), "rows are not exactly one per input"
-    for r in rows:
-        assert r["status"] == "ok", r["error"]
-        assert decode_label_png(storage.read_bytes(r["mask_uri"])).shape == (r["height"], r["width"])
-    return rows
-
-
 # --- 1. the segment job: actors on the GPU node, CRF on the CPU node ------------------------
 
 
 def test_segment_job_runs_actors_on_the_gpu_node_and_crf_tasks_on_the_cpu_node(cluster, bucket):
     from ray.util.state import list_actors, list_tasks
 
-    images = upload_images(f"{bucket}/seg/images", 6)
+    images = upload_scenes(f"{bucket}/seg", 6)
     output = f"{bucket}/seg/labels"
     p = submit(cluster, "segment-gpu", *segment_argv(images, output, f"{bucket}/models/tiny", "--crf", "paper"))
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
@@ -237,7 +210,7 @@ def test_a_stopped_job_leaves_a_running_record_and_the_next_run_finishes_the_res
     # One CRF at a time on images this size: a second or more per image after the first
     # Parquet part, which leaves `ray job stop` the time it needs to start on a busy machine.
     n = 12
-    images = upload_images(f"{bucket}/stop/images", n, h=180, w=240)
+    images = upload_scenes(f"{bucket}/stop", n, h=180, w=240)
     output = f"{bucket}/stop/labels"
     argv = segment_argv(images, output, f"{bucket}/models/tiny", "--crf", "paper", "--part-rows", "2")
     p = submit(cluster, "segment-stopped", *argv, "--crf-cpus", "1", wait=False)
