@@ -1,6 +1,6 @@
 """The segment job's plan: a streamed listing, then a Ray Data pipeline
 
-    listing (one read task: pages ─> windows ─> done-set ─> blocks; listing.py)
+    listing (one task: pages ─> windows ─> done-set ─> blocks; listing.py)
       ─> read_and_propose (CPU) ─> SegmentActor (actor pool, GPU) ─> refine (CPU) ─> write (CPU) ─> driver
 
 and Parquet parts written by the driver as results stream back. The driver
@@ -27,12 +27,12 @@ from deconvnet.weights import ModelInfo, read_model_info
 from . import gallery, rows, stages
 from .compaction import compact, needs_compaction
 from .config import SegmentJobConfig
-from .listing import LISTING_CPUS, ListingSource, Tally
+from .listing import LISTING_CPUS, Tally, list_todo
 
 from .outputs import PredictionWriter, iter_rows, latest_rows, new_run_id, read_predictions, write_run_record
 
-BLOCK_BYTES = 4 * 2**20  # Ray Data's block target: see plan()
-STREAMING_BUFFER_BLOCKS = 64  # blocks a task may yield ahead of its consumer: see plan()
+BLOCK_BYTES = 256 * 2**10  # Ray Data's block target: see listed()
+STREAMING_BUFFER_BLOCKS = 64  # blocks a task may yield ahead of its consumer: see listed()
 
 
 class JobFailed(RuntimeError):
@@ -41,6 +41,45 @@ class JobFailed(RuntimeError):
 
 def plan(cfg: SegmentJobConfig, info: ModelInfo, run_id: str, tally, stage_fns=stages) -> ray.data.Dataset:
     """The job's Dataset. `stage_fns` holds the stages (bench/scale.py passes no-ops)."""
+    return label(listed(cfg, info.model_id, tally), cfg, info, run_id, stage_fns)
+
+
+def listed(cfg: SegmentJobConfig, model_id: str, tally) -> ray.data.Dataset:
+    """The rows to label (listing.TODO_SCHEMA), streamed from the listing in blocks
+    of one segment-actor batch. Sets the DataContext every later stage inherits."""
+    ctx = ray.data.DataContext.get_current()  # a Dataset copies it when it is made: set it first
+    # A stage's exception reaches the driver as itself (RayTaskError.cause), not as
+    # Ray Data's UserCodeException whose cause is lost on the way (see failure()).
+    ctx.raise_original_map_exception = True
+    # Ray Data gathers what a task yields into blocks of up to target_max_block_size
+    # bytes before passing them on: with the default 128 MiB, the listing's small rows
+    # would leave only when it ends. At 256 KiB they leave in blocks of about 2,300
+    # rows, so each task of the split below is short (it takes a whole CPU while it
+    # runs: at 4 MiB, 37,000 rows a block, it held back the stages for seconds on 2
+    # cores), and decoded images and maps travel one image a block.
+    ctx.target_max_block_size = BLOCK_BYTES
+    # The split below is one task yielding many small blocks; Ray Data lets a task run
+    # only 2 blocks ahead of its consumer (a private setting, no public one yet), which
+    # made it the bottleneck: 25 instead of ~4 ms of overhead per image (bench/scale.py).
+    if hasattr(ctx, "_max_num_blocks_in_streaming_gen_buffer"):
+        ctx._max_num_blocks_in_streaming_gen_buffer = STREAMING_BUFFER_BLOCKS
+    # The listing is one task (a generator over one seed row), pulled as the stages
+    # downstream have room: the driver holds none of it.
+    ds = ray.data.from_items([{"listing": 0}]).map_batches(
+        list_todo, batch_size=None, batch_format="pyarrow", num_cpus=LISTING_CPUS, **_remote_env(),
+        fn_kwargs={"cfg": cfg, "model_id": model_id, "tally": tally})
+    # One segment-actor batch per block, as the stages take them: spreads a window over
+    # every task and actor (a streaming split, not a shuffle), so a small input's CRF
+    # runs in parallel and rows reach predictions/ a batch at a time. Larger blocks
+    # would cut Ray Data's fixed cost per task (3.5 ms an image in all with no-op
+    # stages, bench/scale.py), small beside the stages' own work (on a CPU, about
+    # 1.4 s of model and 1.6 s of CRF an image: README, Performance).
+    return ds.repartition(target_num_rows_per_block=cfg.images_per_batch)
+
+
+def label(ds: ray.data.Dataset, cfg: SegmentJobConfig, info: ModelInfo, run_id: str,
+          stage_fns=stages) -> ray.data.Dataset:
+    """The stages over `ds`'s rows to label: one row out per row in (rows.STAGE_COLUMNS)."""
     opts = cfg.storage_options
     gpus = int(ray.cluster_resources().get("GPU", 0))
     on_gpu = cfg.device == "gpu" or (cfg.device == "auto" and gpus > 0)
@@ -51,33 +90,10 @@ def plan(cfg: SegmentJobConfig, info: ModelInfo, run_id: str, tally, stage_fns=s
     actor_resources = {"num_gpus": cfg.gpus_per_actor} if on_gpu else {"num_cpus": cfg.cpus_per_actor or 1}
     with_crf = cfg.crf != "none"
     remote = _remote_env()
-    # A stage's exception reaches the driver as itself (RayTaskError.cause), not as
-    # Ray Data's UserCodeException whose cause is lost on the way (see failure()).
-    ray.data.DataContext.get_current().raise_original_map_exception = True
-
-    # Ray Data gathers what a task yields into blocks of up to target_max_block_size
-    # bytes before passing them on: with the default 128 MiB, the listing's small rows
-    # would leave only when it ends. This size lets them go every few windows, and
-    # keeps blocks of decoded images and maps to a few images each.
-    ctx = ray.data.DataContext.get_current()
-    ctx.target_max_block_size = BLOCK_BYTES
-    # The split below is one task yielding many small blocks; Ray Data lets a task run
-    # only 2 blocks ahead of its consumer (a private setting, no public one yet), which
-    # made it the bottleneck: 25 instead of ~4 ms of overhead per image (bench/scale.py).
-    if hasattr(ctx, "_max_num_blocks_in_streaming_gen_buffer"):
-        ctx._max_num_blocks_in_streaming_gen_buffer = STREAMING_BUFFER_BLOCKS
-    ds = ray.data.read_datasource(ListingSource(cfg, info.model_id, tally), override_num_blocks=1,
-                                  num_cpus=LISTING_CPUS, **remote)
-    # One segment-actor batch per block, as the stages take them: spreads a window over
-    # every task and actor (a streaming split, not a shuffle). Four batches a block
-    # cut Ray Data's overhead from 5.0 to 1.8 ms an image (bench/scale.py, 10,000
-    # images, no-op stages, 2 cores), but then a small input's CRF runs in one task
-    # and rows reach predictions/ four batches at a time, so a block stays one batch.
-    ds = ds.repartition(target_num_rows_per_block=cfg.images_per_batch)
     inference = cfg.inference_configs()  # proposals, segmenter and CRF of --inference
     # Reading and decoding wait on storage as much as they compute: half a CPU
-    # each. The different request also keeps Ray from fusing them into the
-    # segment actor, where they would stall the model.
+    # each (writing too). The different request also keeps Ray from fusing them
+    # into the segment actor, where they would stall the model.
     ds = ds.map_batches(stage_fns.read_and_propose, batch_size=cfg.images_per_batch, num_cpus=0.5, **remote,
                         fn_kwargs={"proposals": inference.proposals, "storage_options": opts})
     ds = ds.map_batches(
@@ -92,11 +108,18 @@ def plan(cfg: SegmentJobConfig, info: ModelInfo, run_id: str, tally, stage_fns=s
         # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1: a
         # lost actor is replaced and its batch retried; writes are idempotent.
         **actor_resources, **remote)
+    # After the CRF, writing asks for what refine asks, so Ray fuses the two into one
+    # task. Alone, it takes half a CPU: encoding a PNG takes milliseconds, the PUTs far
+    # longer. With a whole one, reads (half) took every free CPU and rows reached the
+    # driver only once all reading was done (no-op stages, 2 cores: the first row
+    # after 15-25 s instead of 2-6 s).
+    write_resources: dict[str, Any] = {"num_cpus": 0.5}
     if with_crf:
-        ds = ds.map_batches(stage_fns.refine, batch_size=1, num_cpus=1, **remote,
-                            compute=ray.data.TaskPoolStrategy(size=cfg.crf_cpus) if cfg.crf_cpus else None,
+        write_resources = {"num_cpus": 1, "compute": ray.data.TaskPoolStrategy(size=cfg.crf_cpus)
+                           if cfg.crf_cpus else None}
+        ds = ds.map_batches(stage_fns.refine, batch_size=1, **write_resources, **remote,
                             fn_kwargs={"crf": inference.crf})
-    ds = ds.map_batches(stage_fns.write, batch_size=cfg.images_per_batch, num_cpus=1, **remote, fn_kwargs={
+    ds = ds.map_batches(stage_fns.write, batch_size=cfg.images_per_batch, **write_resources, **remote, fn_kwargs={
         "output": cfg.output, "num_classes": info.config.num_classes, "palette": info.palette_array(),
         "model_id": info.model_id, "run_id": run_id, "storage_options": opts})
     return ds

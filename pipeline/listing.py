@@ -4,15 +4,16 @@ done-set checked per window, feeding Ray Data without a list on the driver.
     storage.iter_files_detail (pages, URI order) ─> windows of WINDOW images
         ─> --limit, done-set lookup for the window's key range (done.py),
            gallery overlay flag (gallery.RunningSample)
-        ─> a table of rows to label per window ─> Ray Data (one streaming read task)
+        ─> a table of rows to label per window ─> Ray Data (one streaming task)
 
-The listing runs in one Ray Data read task, a generator that yields a table
-per window; Ray Data passes them on every job.BLOCK_BYTES (about 25,000 rows)
-and the plan splits them into blocks of one segment-actor batch. Ray Data pulls
-from the generator as the stages downstream have room (back-pressure), so the
-driver holds none of it and the task a window. What the driver still needs
-of the listing, the counts (seen, skipped) and times, goes to a small actor
-(`Tally`) a window at a time, keyed by window so a retried task counts once.
+The listing runs in one Ray Data task, `list_todo`: a generator that yields a
+table per window; Ray Data passes them on every job.BLOCK_BYTES (about 2,300
+rows) and the plan splits them into blocks of one segment-actor batch. Ray
+Data pulls from the generator as the stages downstream have room
+(back-pressure), so the driver holds none of it and the task a window. What
+the driver still needs of the listing, the counts (seen, skipped) and times,
+goes to a small actor (`Tally`) a window at a time, keyed by window so a
+retried task counts once.
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ from typing import Any
 
 import pyarrow as pa
 import ray
-from ray.data.block import BlockMetadata
-from ray.data.datasource import Datasource, ReadTask
 
 from deconvnet import storage
 
@@ -107,24 +106,12 @@ class Tally:
         return out
 
 
-class ListingSource(Datasource):
-    """A Ray Data source with one read task: `windows` streamed as blocks."""
-
-    def __init__(self, cfg: SegmentJobConfig, model_id: str, tally):
-        super().__init__()
-        self.cfg, self.model_id, self.tally = cfg, model_id, tally
-
-    def estimate_inmemory_data_size(self) -> int | None:
-        return None
-
-    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
-        meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
-        return [ReadTask(self._read, meta, schema=TODO_SCHEMA)]
-
-    def _read(self) -> Iterator[pa.Table]:
-        for w in windows(self.cfg, self.model_id):
-            ray.get(self.tally.add.remote(w.index, {
-                "seen": w.seen, "skipped": w.skipped, "listing_seconds": w.listing_seconds,
-                "done_seconds": w.done_seconds}))
-            if w.todo:  # job.plan splits it into blocks of one segment-actor batch
-                yield pa.Table.from_pylist(w.todo, schema=TODO_SCHEMA)
+def list_todo(seed: dict[str, Any], cfg: SegmentJobConfig, model_id: str, tally) -> Iterator[pa.Table]:
+    """Ray Data's map_batches over one seed row: the rows to label, a window at a
+    time, its counts sent to `tally` first (job.plan splits the tables into blocks)."""
+    for w in windows(cfg, model_id):
+        ray.get(tally.add.remote(w.index, {
+            "seen": w.seen, "skipped": w.skipped, "listing_seconds": w.listing_seconds,
+            "done_seconds": w.done_seconds}))
+        if w.todo:
+            yield pa.Table.from_pylist(w.todo, schema=TODO_SCHEMA)
