@@ -11,7 +11,11 @@ calls the job's own `pipeline.job.run` with the stages replaced by no-ops that
 keep the batch contract: what is measured is the listing, the done-set, Ray
 Data's plan and the driver, not the model. Each size runs twice: the first run
 labels everything (all to do), the second finds everything done (done-set
-lookups over the first run's parts, compacted by the run itself).
+lookups over the first run's parts, compacted by the run itself). Up to 100k,
+the plan the streaming listing replaced runs too ("old plan": the listing held
+on the driver, `from_items` in one-batch blocks, the same stages and driver
+loop), in the same process after the same warm-up, so the two overheads per
+image are measured on the same machine at the same time.
 Parts: a moto S3 server on 127.0.0.1 (as tests/conftest.py), N parts of
 --part-rows rows; read as the job read them before (one after another), as it
 reads them now (concurrently), and after compaction.
@@ -44,6 +48,7 @@ import record as bench_record  # bench/record.py: this script's folder is on sys
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 PER_FOLDER = 1000
+DRIVER_HELD_MAX = 100_000  # the old plan held every listed image on the driver: not at 1M
 
 
 def make_inputs(work: str, n: int) -> str:
@@ -151,6 +156,7 @@ def one_size(n: int, work: str, out: str) -> dict:
     cfg = SegmentJobConfig(input=os.path.join(work, f"in-{n}"), output=out, model=model_dir(work), crf="none")
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result = {"images": n}
+    driver_held(cfg, limit=100)  # start Ray Data's workers, so no run below pays for it
     for name in ("first", "again"):
         t0 = time.perf_counter()
         record = run(cfg, log=lambda s: None, stage_fns=NOOP_STAGES)
@@ -162,9 +168,37 @@ def one_size(n: int, work: str, out: str) -> dict:
                         "per_listed_image_ms": round(1000 * seconds / n, 3),
                         "per_labelled_image_ms": round(1000 * seconds / c["ok"], 3) if c["ok"] else None}
     result["driver_peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    if n <= DRIVER_HELD_MAX:
+        t0 = time.perf_counter()
+        labelled = driver_held(cfg)
+        seconds = time.perf_counter() - t0
+        result["driver_held"] = {"seconds": round(seconds, 2), "per_labelled_image_ms": round(1000 * seconds / labelled, 3)}
     result["driver_rss_before_runs_mib"] = round(rss0 / 2**20)
     ray.shutdown()
     return result
+
+
+def driver_held(cfg, limit: int | None = None) -> int:
+    """The plan before the streaming listing, for comparison: the whole listing
+    held on the driver and handed to Ray Data with `from_items`, one batch a
+    block, then the job's own stages and driver loop. Returns the rows labelled."""
+    import dataclasses
+
+    import ray
+
+    from deconvnet.weights import read_model_info
+    from pipeline import job, listing, rows
+    from pipeline.outputs import PredictionWriter, new_run_id
+
+    info, run_id = read_model_info(cfg.model), new_run_id()
+    every = dataclasses.replace(cfg, limit=limit, incremental=False)
+    todo = [row for w in listing.windows(every, info.model_id) for row in w.todo]
+    ds = ray.data.from_items(todo, override_num_blocks=max(1, len(todo) // cfg.images_per_batch))
+    writer = PredictionWriter(os.path.join(cfg.output, "driver-held"), run_id, cfg.rows_per_part)
+    for batch in job.label(ds, cfg, info, run_id, NOOP_STAGES).iter_batches(batch_size=None, batch_format="numpy"):
+        writer.add(rows.table_from_batch(batch, info.classes))
+    writer.flush()
+    return writer.counts["ok"]
 
 
 # --- the done-set read over many parts on S3 --------------------------------------------
@@ -291,11 +325,12 @@ def main(argv=None):
     parts = [{**r, "machine": machine, "kind": "done-set"} for r in parts_bench(args.parts, args.part_rows)]
     bench_record.append(args.out, sizes + parts)
     print(f"\n{'listed':>9} {'to do':>8} {'driver peak':>12} {'listing s':>10} {'done-set s':>11} {'run s':>8} "
-          f"{'ms/labelled':>12} | {'all done: s':>12} {'done-set s':>11} {'ms/listed':>10}")
+          f"{'ms/labelled':>12} {'old plan':>9} | {'all done: s':>12} {'done-set s':>11} {'ms/listed':>10}")
     for r in sizes:
         f, a = r["first"], r["again"]
+        old = r["driver_held"]["per_labelled_image_ms"] if "driver_held" in r else "-"
         print(f"{r['images']:>9,} {r['to_do']:>8,} {r['driver_peak_rss_mib']:>8} MiB {f['listing']['seconds']:>10} "
-              f"{f['listing']['done_set_seconds']:>11} {f['seconds']:>8} {f['per_labelled_image_ms']:>12} | "
+              f"{f['listing']['done_set_seconds']:>11} {f['seconds']:>8} {f['per_labelled_image_ms']:>12} {old:>9} | "
               f"{a['seconds']:>12} {a['listing']['done_set_seconds']:>11} {a['per_listed_image_ms']:>10}")
     print(f"\n{'parts':>6} {'rows':>8} {'sequential s':>13} {'concurrent s':>13} {'compacted s':>12} "
           f"{'speed-up':>9} {'parts after':>12}")
