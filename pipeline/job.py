@@ -58,9 +58,10 @@ def listed(cfg: SegmentJobConfig, model_id: str, tally) -> ray.data.Dataset:
     # runs: at 4 MiB, 37,000 rows a block, it held back the stages for seconds on 2
     # cores), and decoded images and maps travel one image a block.
     ctx.target_max_block_size = BLOCK_BYTES
-    # The split below is one task yielding many small blocks; Ray Data lets a task run
-    # only 2 blocks ahead of its consumer (a private setting, no public one yet), which
-    # made it the bottleneck: 25 instead of ~4 ms of overhead per image (bench/scale.py).
+    # Each task of the split below yields hundreds of small blocks; Ray Data lets a task
+    # run only 2 blocks ahead of its consumer (a private setting, no public one yet),
+    # which made the split the bottleneck: 25 instead of ~4 ms of overhead per image
+    # (bench/scale.py, measured with one split task).
     if hasattr(ctx, "_max_num_blocks_in_streaming_gen_buffer"):
         ctx._max_num_blocks_in_streaming_gen_buffer = STREAMING_BUFFER_BLOCKS
     # The listing is one task (a generator over one seed row), pulled as the stages
