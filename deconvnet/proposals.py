@@ -74,8 +74,8 @@ class ProposalConfig:
                              f"choose one of {sorted(PROPOSAL_METHODS)}")
         if self.method == "edgeboxes" and not self.edge_model:
             raise ValueError("proposal method 'edgeboxes' needs a structured-edge model: pass `edge_model` "
-                             "edge_model=<path or URI of OpenCV's model.yml.gz> (or pick "
-                             "method='grid' or 'selective-search', which need no model file)")
+                             "(the path or URI of OpenCV's model.yml.gz), or use the 'grid' or "
+                             "'selective-search' method, which need no model file")
         if self.max_proposals < 0:
             raise ValueError(f"max_proposals must be >= 0, got {self.max_proposals}")
         if self.enlarge <= 0:
