@@ -28,7 +28,6 @@ from . import gallery, rows, stages
 from .compaction import compact, needs_compaction
 from .config import SegmentJobConfig
 from .listing import LISTING_CPUS, Tally, list_todo
-
 from .outputs import PredictionWriter, iter_rows, latest_rows, new_run_id, read_predictions, write_run_record
 
 BLOCK_BYTES = 256 * 2**10  # Ray Data's block target: see listed()

@@ -28,7 +28,7 @@ from clusterutil import LocalCluster
 
 from deconvnet import storage, synthetic
 from test_faults import assert_one_ok_row_and_mask_per_input, upload_scenes
-from test_pipeline import predictions
+from test_pipeline import predictions, run_records
 
 SUBMIT_TIMEOUT = 240
 
@@ -69,14 +69,6 @@ def bucket(s3_endpoint) -> str:
     torch.manual_seed(0)
     save_model_dir(DeconvNet(PRESETS["tiny"]), f"s3://{name}/models/tiny", ModelInfo(config=PRESETS["tiny"]))
     return f"s3://{name}"
-
-
-def run_records(output: str) -> list[dict]:
-    try:
-        uris = storage.list_files(storage.join(output, "runs"), [".json"])
-    except FileNotFoundError:
-        return []
-    return [json.loads(storage.read_bytes(u)) for u in uris]
 
 
 def submit(cluster: LocalCluster, submission_id: str, *entrypoint: str, wait: bool = True):

@@ -11,7 +11,6 @@ finished.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import signal
 import subprocess
@@ -25,7 +24,7 @@ import pytest
 from corpus import _save, scene
 from PIL import Image
 from s3faults import S3FaultProxy, wait_for
-from test_pipeline import FAST, predictions
+from test_pipeline import FAST, predictions, run_records
 
 from deconvnet import storage
 from deconvnet.voc import decode_label_png
@@ -152,7 +151,7 @@ def test_a_killed_job_rerun_incrementally_finishes_without_duplicates(ray_sessio
         driver.wait()
     killed_rows = predictions(output)
     assert 0 < len(killed_rows) < 16, "the driver was not killed mid-run"
-    record = json.loads(storage.read_bytes(storage.list_files(storage.join(output, "runs"))[0]))
+    record = run_records(output)[0]
     assert record["status"] == "running"  # the killed run says it never finished
 
     # Ray cleans up the dead driver's actors and tasks; the re-run does only what is missing.
@@ -242,7 +241,7 @@ def test_the_job_fails_clearly_when_storage_does_not_come_back(ray_session, prox
     assert len(said) == 1 and "failed after" in said[0], said
     assert "StorageUnavailable: write s3://" in said[0] and "/masks/" in said[0] and "retry budget 3 s" in said[0]
     proxy.clear()
-    record = json.loads(storage.read_bytes(storage.list_files(storage.join(output, "runs"))[0]))
+    record = run_records(output)[0]
     assert record["status"] == "failed" and "StorageUnavailable" in record["error"]
     rows = predictions(output)
     assert record["counts"]["ok"] == len(rows) < 12  # the record says exactly what finished
@@ -280,7 +279,7 @@ def test_credentials_never_reach_logs_records_parquet_or_errors(ray_session, s3_
                 seen.append(f.read().decode("latin-1"))
     for text in seen:
         assert env_secret not in text and option_secret not in text
-    record = json.loads(storage.read_bytes(storage.list_files(storage.join(output, "runs"))[0]))
+    record = run_records(output)[0]
     assert record["config"]["storage_options"]["secret"] == "***"
 
 

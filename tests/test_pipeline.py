@@ -13,6 +13,7 @@ import pytest
 from corpus import corpus
 
 from deconvnet import storage
+from deconvnet.records import read_json
 from deconvnet.voc import decode_label_png
 from pipeline.job import run
 from pipeline.outputs import iter_rows, read_predictions, relative_key
@@ -32,6 +33,15 @@ def upload(base: str, files: dict[str, tuple[bytes, str, object]], prefix: str =
 def predictions(output: str) -> list[dict]:
     """Every row under predictions/ (none when no part was written yet)."""
     return list(iter_rows(read_predictions(output)))
+
+
+def run_records(output: str) -> list[dict]:
+    """Every runs/<run_id>.json under `output`, in run order (none before the first run)."""
+    try:
+        uris = storage.list_files(storage.join(output, "runs"), [".json"])
+    except FileNotFoundError:
+        return []
+    return [read_json(u) for u in uris]
 
 
 def test_s3_end_to_end_with_bad_files_then_incremental(ray_session, s3_bucket, tiny_model):
@@ -55,7 +65,7 @@ def test_s3_end_to_end_with_bad_files_then_incremental(ray_session, s3_bucket, t
             assert r["model_id"].startswith("deconvnet-") and r["seconds"] > 0
         else:
             assert re.search(expect, r["error"]) and r["mask_uri"] == "" and r["permanent"]
-    record = json.loads(storage.read_bytes(storage.list_files(storage.join(output, "runs"))[0]))
+    record = run_records(output)[0]
     assert record["status"] == "completed"
     fs, path = storage.url_to_fs(record["gallery_uri"])  # served from the bucket, it is a page
     assert record["gallery_uri"] == storage.join(output, "index.html") and fs.info(path)["ContentType"] == "text/html"
@@ -122,7 +132,7 @@ def test_inference_original_runs_the_releases_rules(ray_session, tmp_path, tiny_
     h, w = row["height"], row["width"]
     assert not any(np.array_equal(b, [0, 0, w, h]) for b in expected)
     assert all(min(b[2] - b[0], b[3] - b[1]) >= 112 for b in expected)
-    (record,) = [json.loads(storage.read_bytes(u)) for u in storage.list_files(f"{out}/runs")]
+    (record,) = run_records(out)
     assert record["config"]["inference"] == "original"
 
 
