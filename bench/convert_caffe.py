@@ -5,7 +5,7 @@ how much memory it needs.
 
 Writes a paper-size (252M weights, about 1 GB) DeconvNet inference-format
 .caffemodel (V1 layers, the fork's BN/DECONVOLUTION/UNPOOLING, random weights)
-into a temp dir with deconvnet.caffe's writer, then times the converter in a
+into a temp dir with deconvnet.caffe.convert's writer, then times the converter in a
 child process and reads its peak RSS from wait4's rusage. The file was just
 written, so it is read from the page cache (a warm read). Figures are printed
 and appended to bench/results/convert_caffe.json.
@@ -24,7 +24,9 @@ import time
 import numpy as np
 import torch
 
-from deconvnet import caffe, caffenets, caffeproto
+import caffenets
+from deconvnet.caffe import convert as caffe
+from deconvnet.caffe import proto as caffeproto
 from deconvnet.model import DeconvNet, preset
 from deconvnet.records import now_iso
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from deconvnet.crf import CRF_PRESETS, CRFConfig, dense_crf
+from deconvnet.inference.crf import CRF_PRESETS, CRFConfig, dense_crf
 from deconvnet.inference import INFERENCE_MODES, inference_configs
 
 NUM_CLASSES = 21  # PASCAL VOC

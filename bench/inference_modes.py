@@ -22,13 +22,13 @@ import numpy as np
 
 import record  # bench/record.py: this script's folder is on sys.path
 from deconvnet import storage
-from deconvnet.crf import dense_crf
+from deconvnet.inference.crf import dense_crf
 from deconvnet.imageio import decode_image
 from deconvnet.inference import INFERENCE_MODES, inference_configs
 from deconvnet.metrics import ConfusionMatrix
-from deconvnet.proposals import propose
+from deconvnet.inference.proposals import propose
 from deconvnet.records import now_iso
-from deconvnet.segmenter import Segmenter, labels_and_confidence
+from deconvnet.inference.segmenter import Segmenter, labels_and_confidence
 from deconvnet.synthetic import sample
 from deconvnet.weights import load_model_dir
 

@@ -32,11 +32,11 @@ import record as bench_record  # bench/record.py: this script's folder is on sys
 # ...and bench/pipeline.py would shadow the `pipeline` package: take the folder off again.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 from deconvnet import storage
-from deconvnet.crf import crf_config, dense_crf
+from deconvnet.inference.crf import crf_config, dense_crf
 from deconvnet.imageio import decode_image
 from deconvnet.model import build_model, preset
-from deconvnet.proposals import ProposalConfig, propose
-from deconvnet.segmenter import Segmenter, SegmenterConfig, labels_and_confidence
+from deconvnet.inference.proposals import ProposalConfig, propose
+from deconvnet.inference.segmenter import Segmenter, SegmenterConfig, labels_and_confidence
 from deconvnet.synthetic import generate
 from deconvnet.voc import encode_label_png
 from deconvnet.weights import ModelInfo, save_model_dir

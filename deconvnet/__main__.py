@@ -64,11 +64,11 @@ def cmd_init(args, parser) -> int:
 
 
 def cmd_segment(args, parser) -> int:
-    from .crf import dense_crf
+    from .inference.crf import dense_crf
     from .imageio import BadImage, decode_image, encode_jpeg
     from .inference import inference_configs
-    from .proposals import propose
-    from .segmenter import Segmenter, labels_and_confidence
+    from .inference.proposals import propose
+    from .inference.segmenter import Segmenter, labels_and_confidence
     from .voc import encode_label_png, overlay
 
     opts = storage_options_from(parser, args.storage_option)
@@ -103,7 +103,7 @@ def cmd_segment(args, parser) -> int:
 
 
 def cmd_convert_caffe(args, parser) -> int:
-    from .caffe import convert_caffemodel
+    from .caffe.convert import convert_caffemodel
 
     opts = storage_options_from(parser, args.storage_option)
     classes = read_classes(args, parser, opts)
@@ -138,10 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     add_storage_option_arg(p)
     p.set_defaults(func=cmd_init)
 
-    from .crf import CRF_PRESETS
+    from .inference.crf import CRF_PRESETS
     from .inference import INFERENCE_MODES
-    from .proposals import PROPOSAL_METHODS
-    from .segmenter import AGGREGATES, ENSEMBLES
+    from .inference.proposals import PROPOSAL_METHODS
+    from .inference.segmenter import AGGREGATES, ENSEMBLES
 
     p = sub.add_parser("segment", help="segment one image: palette PNG label map (+ colour overlay)")
     p.add_argument("image", help="image path or URI")

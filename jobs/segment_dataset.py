@@ -26,10 +26,10 @@ import sys
 
 from deconvnet import storage
 from deconvnet.cli import add_storage_option_arg, config_error, storage_options_from
-from deconvnet.crf import CRF_PRESETS
+from deconvnet.inference.crf import CRF_PRESETS
 from deconvnet.inference import INFERENCE_MODES
-from deconvnet.proposals import PROPOSAL_METHODS
-from deconvnet.segmenter import AGGREGATES, ENSEMBLES
+from deconvnet.inference.proposals import PROPOSAL_METHODS
+from deconvnet.inference.segmenter import AGGREGATES, ENSEMBLES
 from deconvnet.weights import check_model_dir
 from pipeline.config import IMAGE_SUFFIXES, SegmentJobConfig
 

@@ -26,7 +26,7 @@ IoU in the paper's Table 1 layout), val_iou.csv, history.csv, curves.png
 The driver only checks the arguments and builds ScalingConfig, RunConfig and
 the TorchTrainer; all training is `train_loop_per_worker(config)`, on every
 worker (`--num-workers 0` runs it in this process, Ray Train's local mode,
-with no checkpoints: for debugging). The torch parts are deconvnet/training.py,
+with no checkpoints: for debugging). The torch parts are deconvnet/training/recipe.py,
 crops.py, voc.py and rundir.py.
 Exit codes: 0 done (or nothing to do), 1 training failed, 2 a bad argument.
 """
@@ -42,11 +42,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from deconvnet import crops, rundir, storage, training
+from deconvnet import storage
+from deconvnet.training import crops, recipe, rundir
 from deconvnet.cli import add_storage_option_arg, config_error, flags_of, storage_options_from
-from deconvnet.proposals import ProposalConfig
+from deconvnet.inference.proposals import ProposalConfig
 from deconvnet.records import now_iso
-from deconvnet.training import RECIPES, TRAINING_PROPOSALS, TrainConfig, config_for
+from deconvnet.training.recipe import RECIPES, TRAINING_PROPOSALS, TrainConfig, config_for
 from deconvnet.voc import TRAIN_LIST, VAL_LIST, VocDataset, open_train_val
 from deconvnet.weights import ModelInfo, read_model_info
 
@@ -59,7 +60,7 @@ RESUME_KEYS = ("data", "extra_train_lists", "preset", "init")
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The whole training, on one DDP rank: restore the latest checkpoint if
-    any, then steps of `training.train_step`, with evaluation, results and a
+    any, then steps of `recipe.train_step`, with evaluation, results and a
     checkpoint every `eval_every` steps, and the export at the end.
     `config["train"]` is the TrainConfig.
     """
@@ -83,10 +84,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state.resumed_from.append(state.step)
         say(f"resuming {cfg.name} from step {state.step}")
     else:
-        (model, info), state, optimizer_state = training.initial_model(cfg), rundir.TrainState(), None
-    training.autotune_convolutions(device)
+        (model, info), state, optimizer_state = recipe.initial_model(cfg), rundir.TrainState(), None
+    recipe.autotune_convolutions(device)
     model = ray.train.torch.prepare_model(model)  # DDP (nccl on GPU, gloo on CPU), on `device`
-    optimizer = training.make_optimizer(training.unwrap(model), cfg)
+    optimizer = recipe.make_optimizer(recipe.unwrap(model), cfg)
     if optimizer_state:
         optimizer.load_state_dict(optimizer_state)  # after the move: its tensors follow the params' device
 
@@ -102,13 +103,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                         start=(state.step - first) * cfg.per_rank,
                                         pin_memory=device.type == "cuda")
             loader_stage = stage
-        lr = training.learning_rate(cfg, state.step)
+        lr = recipe.learning_rate(cfg, state.step)
         forwards = [next(batches) for _ in range(cfg.accumulation)]
-        window.append(training.train_step(model, optimizer, forwards, lr, device))
+        window.append(recipe.train_step(model, optimizer, forwards, lr, device))
         state.step += 1
         evaluate_now = state.step % cfg.eval_every == 0 or state.step in (cfg.stage1_steps, cfg.total_steps)
         if state.step % cfg.log_every == 0 or evaluate_now:
-            loss = training.all_reduce_(torch.stack(window).mean()).item() / world
+            loss = recipe.all_reduce_(torch.stack(window).mean()).item() / world
             state.log.append({"step": state.step, "stage": stage, "lr": lr, "loss": loss})
             now = time.perf_counter()
             say(f"step {state.step}/{cfg.total_steps} stage {stage} lr {lr:.2e} loss {loss:.4f} "
@@ -118,7 +119,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _evaluate_and_report(model, optimizer, info, val, cfg, state, rank, world, device)
 
     if rank == 0:
-        net = training.unwrap(model)
+        net = recipe.unwrap(model)
         exported = rundir.export_model(net, info, cfg, state) if cfg.export else None
         rundir.write_final(cfg, state, exported)
         if exported:
@@ -152,11 +153,11 @@ def _evaluate_and_report(model: torch.nn.Module, optimizer: torch.optim.Optimize
 
     from deconvnet.metrics import ConfusionMatrix
 
-    net = training.unwrap(model)
-    training.broadcast_buffers_(net)  # every rank evaluates the weights rank 0 checkpoints and exports
+    net = recipe.unwrap(model)
+    recipe.broadcast_buffers_(net)  # every rank evaluates the weights rank 0 checkpoints and exports
     proposals = ProposalConfig(method=cfg.proposals, max_proposals=cfg.eval_max_proposals)
-    cm = training.evaluate(net, val, info, proposals, device, indices=range(rank, len(val), world))
-    cm = ConfusionMatrix.from_matrix(training.all_reduce_(torch.from_numpy(cm.matrix).to(device)).cpu())
+    cm = recipe.evaluate(net, val, info, proposals, device, indices=range(rank, len(val), world))
+    cm = ConfusionMatrix.from_matrix(recipe.all_reduce_(torch.from_numpy(cm.matrix).to(device)).cpu())
     state.evals.append({"step": state.step, "mean_iou": cm.mean_iou(), "pixel_accuracy": cm.pixel_accuracy(),
                         "mean_accuracy": cm.mean_accuracy()})
     metrics = {"step": state.step, "stage": cfg.stage_of(state.step - 1), "loss": state.log[-1]["loss"],
@@ -292,7 +293,7 @@ def check_inputs(cfg: TrainConfig) -> None:
             info = read_model_info(cfg.init, opts)
         except (FileNotFoundError, ValueError) as e:
             raise ValueError(f"`init`: {e}") from e
-        if not training.init_matches_preset(info, cfg.preset):
+        if not recipe.init_matches_preset(info, cfg.preset):
             raise ValueError(f"`init` {cfg.init} is not a '{cfg.preset}' DeconvNet ({info.config}); "
                              f"pass the `preset` it was made with")
 

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deconvnet import storage
-from deconvnet.crf import CRF_PRESETS
+from deconvnet.inference.crf import CRF_PRESETS
 from deconvnet.inference import INFERENCE_MODES, InferenceConfigs, inference_configs
-from deconvnet.proposals import PROPOSAL_METHODS
-from deconvnet.segmenter import AGGREGATES, ENSEMBLES
+from deconvnet.inference.proposals import PROPOSAL_METHODS
+from deconvnet.inference.segmenter import AGGREGATES, ENSEMBLES
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -25,7 +25,7 @@ class SegmentJobConfig:
     model: str  # DeconvNet model directory
     fcn_model: str | None = None  # FCN-8s model directory: EDeconvNet ensemble
     # "original": what the authors' release does; "default": the project's rules
-    # (deconvnet/inference.py has the one table of differences).
+    # (deconvnet/inference/modes.py has the one table of differences).
     inference: str = "default"
     ensemble: str | None = None  # None: the mode's (mean of probabilities; original: its relu-product)
     proposals: str | None = None  # None: edgeboxes with an edge model, else grid (needs no model file)

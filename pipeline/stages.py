@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from deconvnet import storage
-from deconvnet.crf import CRFConfig, dense_crf
+from deconvnet.inference.crf import CRFConfig, dense_crf
 from deconvnet.imageio import MAX_BYTES, BadImage, decode_image, encode_jpeg
-from deconvnet.proposals import ProposalConfig, propose
-from deconvnet.segmenter import Segmenter, SegmenterConfig, labels_and_confidence
+from deconvnet.inference.proposals import ProposalConfig, propose
+from deconvnet.inference.segmenter import Segmenter, SegmenterConfig, labels_and_confidence
 from deconvnet.voc import encode_label_png, overlay
 
 from .outputs import mask_uri, overlay_uri

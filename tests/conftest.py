@@ -78,7 +78,7 @@ def tiny_model(tmp_path_factory) -> str:
 def voc(tmp_path):
     """A TrainConfig (tiny recipe, batch 2, in-process) over 6 generated VOC-layout scenes (4 train, 2 val)."""
     from deconvnet import synthetic
-    from deconvnet.training import config_for
+    from deconvnet.training.recipe import config_for
 
     synthetic.generate(str(tmp_path / "voc"), images=6, seed=1, size=64, val_fraction=0.34)
     return config_for("tiny", data=str(tmp_path / "voc"), storage=str(tmp_path / "runs"), name="t",

@@ -14,10 +14,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save as st_save
 
-from deconvnet import caffe, caffenets, caffeproto
+import caffenets
+from deconvnet.caffe import convert as caffe
+from deconvnet.caffe import proto as caffeproto
 from deconvnet.__main__ import main
 from deconvnet.model import DeconvNet, FCN8s, count_parameters, preset
-from deconvnet.segmenter import Segmenter, SegmenterConfig
+from deconvnet.inference.segmenter import Segmenter, SegmenterConfig
 from deconvnet.weights import init_from_vgg16, load_model_dir, serialize_state
 
 CLASSES = ("background", "a", "b", "c", "d")

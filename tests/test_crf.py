@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deconvnet.crf import CRF_PRESETS, CRFConfig, crf_config, dense_crf
+from deconvnet.inference.crf import CRF_PRESETS, CRFConfig, crf_config, dense_crf
 
 H, W = 80, 96
 

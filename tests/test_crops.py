@@ -1,4 +1,4 @@
-"""deconvnet/crops.py: the two stages' crops and labels, augmentation, class
+"""deconvnet/training/crops.py: the two stages' crops and labels, augmentation, class
 balance, the sample stream and the loader."""
 
 from __future__ import annotations
@@ -8,11 +8,12 @@ from itertools import islice
 import numpy as np
 import torch
 
-from deconvnet import crops, synthetic, training
-from deconvnet.crops import ANY_CLASS, CropDataset, class_balanced_entries, crop_and_augment, crop_loader
+from deconvnet import synthetic
+from deconvnet.training import crops, recipe
+from deconvnet.training.crops import ANY_CLASS, CropDataset, class_balanced_entries, crop_and_augment, crop_loader
 from deconvnet.geometry import box_iou, enlarge_boxes, find_instances, object_labels
 from deconvnet.model import preset
-from deconvnet.training import TrainConfig, config_for
+from deconvnet.training.recipe import TrainConfig, config_for
 from deconvnet.voc import IGNORE_INDEX, VocDataset, VocSample, open_train_val
 from deconvnet.weights import ModelInfo
 from test_geometry import scene
@@ -99,7 +100,7 @@ def test_stream_sampler_resumes_exactly_and_ranks_share_nothing():
 
 
 def test_crop_dataset_and_loader_give_batches(voc):
-    model, info = training.initial_model(voc)
+    model, info = recipe.initial_model(voc)
     train, val = open_train_val(voc.data, voc.extra_train_lists)
     assert len(train) == 4 and len(val) == 2 and not {i.id for i in train.items} & {i.id for i in val.items}
     for stage in (1, 2):

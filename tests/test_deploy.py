@@ -19,7 +19,7 @@ import jsonschema
 import pytest
 import yaml
 
-from deconvnet.training import TrainConfig
+from deconvnet.training.recipe import TrainConfig
 from pipeline.config import SegmentJobConfig
 from jobs import segment_dataset
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from deconvnet.crf import crf_config, dense_crf, unary_energy
+from deconvnet.inference.crf import crf_config, dense_crf, unary_energy
 from deconvnet.inference import inference_configs
 from deconvnet.model import preset
-from deconvnet.proposals import PROPOSAL_METHODS, propose
-from deconvnet.segmenter import Segmenter
+from deconvnet.inference.proposals import PROPOSAL_METHODS, propose
+from deconvnet.inference.segmenter import Segmenter
 from deconvnet.weights import ModelInfo
 
 ORIGINAL, DEFAULT = inference_configs("original"), inference_configs("default")

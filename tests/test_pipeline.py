@@ -119,7 +119,7 @@ def test_inference_original_runs_the_releases_rules(ray_session, tmp_path, tiny_
     whole-image box, boxes under 112 px skipped), the mode in the run's record."""
     from deconvnet.imageio import decode_image
     from deconvnet.inference import inference_configs
-    from deconvnet.proposals import propose
+    from deconvnet.inference.proposals import propose
 
     photo = CORPUS["ok/photo.jpg"]
     images = upload(str(tmp_path), {"ok/photo.jpg": photo}, prefix="in")

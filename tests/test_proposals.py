@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from deconvnet.geometry import enlarge_boxes
-from deconvnet.proposals import PROPOSAL_METHODS, ProposalConfig, propose
+from deconvnet.inference.proposals import PROPOSAL_METHODS, ProposalConfig, propose
 
 
 @pytest.fixture

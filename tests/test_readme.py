@@ -16,6 +16,6 @@ def test_the_module_map_matches_the_tree():
         paths = re.findall(r"`([\w/]+\.py)`", cell)
         folder = paths[0].rsplit("/", 1)[0] if paths and "/" in paths[0] else ""
         named |= {p if "/" in p else f"{folder}/{p}" for p in paths}
-    tree = {str(p.relative_to(ROOT)) for d in ("deconvnet", "pipeline", "jobs") for p in (ROOT / d).glob("*.py")
+    tree = {str(p.relative_to(ROOT)) for d in ("deconvnet", "pipeline", "jobs") for p in (ROOT / d).rglob("*.py")
             if p.name != "__init__.py"}
     assert named == tree, f"missing from the map: {sorted(tree - named)}; not in the tree: {sorted(named - tree)}"

@@ -1,4 +1,4 @@
-"""Crop, forward in mixed batches, paste back and merge (deconvnet.segmenter)."""
+"""Crop, forward in mixed batches, paste back and merge (deconvnet.inference.segmenter)."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 from deconvnet.model import PRESETS, DeconvNet, preset
 from deconvnet.geometry import integer_boxes
-from deconvnet.segmenter import MergedMap, Segmenter, SegmenterConfig, crop_boxes
+from deconvnet.inference.segmenter import MergedMap, Segmenter, SegmenterConfig, crop_boxes
 from deconvnet.weights import ModelInfo
 
 

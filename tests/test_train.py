@@ -39,9 +39,10 @@ def rank_exits_once(rank: int, at_call: int, marker: str):
 
         import ray.train
 
-        from deconvnet import storage, training
+        from deconvnet import storage
+        from deconvnet.training import recipe
 
-        step, calls = training.train_step, [0]
+        step, calls = recipe.train_step, [0]
 
         def dying_step(*args, **kwargs):
             if (ray.train.get_context().get_world_rank() == rank and calls[0] == at_call
@@ -51,7 +52,7 @@ def rank_exits_once(rank: int, at_call: int, marker: str):
             calls[0] += 1
             return step(*args, **kwargs)
 
-        training.train_step = dying_step
+        recipe.train_step = dying_step
         train_job.train_loop_per_worker(config)
 
     return loop

@@ -1,4 +1,4 @@
-"""deconvnet/training.py: the recipe's config checks, optimiser groups,
+"""deconvnet/training/recipe.py: the recipe's config checks, optimiser groups,
 schedule, loss and evaluation."""
 
 from __future__ import annotations
@@ -8,17 +8,17 @@ import dataclasses
 import pytest
 import torch
 
-from deconvnet import training
+from deconvnet.training import recipe
 from deconvnet.metrics import ConfusionMatrix
 from deconvnet.model import build_model, preset
-from deconvnet.training import config_for, learning_rate
+from deconvnet.training.recipe import config_for, learning_rate
 from deconvnet.voc import IGNORE_INDEX, open_train_val
 
 
 def test_param_groups_carry_the_prototxts_multipliers():
     """Weights: lr, decayed. Biases: 2 x lr, not decayed. BN: lr, decayed."""
     model = build_model(preset("tiny", num_classes=5))
-    weights, biases, bn = training.param_groups(model, 5e-4)
+    weights, biases, bn = recipe.param_groups(model, 5e-4)
     assert (weights["weight_decay"], weights["lr_mult"]) == (5e-4, 1.0)
     assert (biases["weight_decay"], biases["lr_mult"]) == (0.0, 2.0)
     assert (bn["weight_decay"], bn["lr_mult"]) == (5e-4, 1.0)
@@ -29,12 +29,12 @@ def test_param_groups_carry_the_prototxts_multipliers():
         elif isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
             assert id(m.bias) in ids["b"] and id(m.weight) in ids["w"]
     assert sum(map(len, ids.values())) == len(list(model.parameters()))
-    opt = training.make_optimizer(model, config_for("paper", data="d", storage="s", name="n", init="m"))
+    opt = recipe.make_optimizer(model, config_for("paper", data="d", storage="s", name="n", init="m"))
     assert opt.defaults["momentum"] == 0.9 and opt.defaults["lr"] == 0.01
     x, y = torch.randn(2, 3, 64, 64), torch.zeros(2, 64, 64, dtype=torch.long)
-    training.train_step(model, opt, [(x, y)], 0.01, torch.device("cpu"))
+    recipe.train_step(model, opt, [(x, y)], 0.01, torch.device("cpu"))
     assert [g["lr"] for g in opt.param_groups] == [0.01, 0.02, 0.01]
-    tiny = training.make_optimizer(model, config_for("tiny", data="d", storage="s", name="n"))
+    tiny = recipe.make_optimizer(model, config_for("tiny", data="d", storage="s", name="n"))
     assert [(g["lr_mult"], g["weight_decay"]) for g in tiny.param_groups] == [(1.0, 5e-4), (1.0, 0.0), (1.0, 0.0)]
 
 
@@ -81,16 +81,16 @@ def test_loss_ignores_the_ignore_label():
     logits = torch.zeros(1, 3, 2, 2)
     logits[0, 1] = 10.0
     target = torch.tensor([[[1, 1], [IGNORE_INDEX, IGNORE_INDEX]]])
-    assert training.segmentation_loss(logits, target).item() < 1e-3
-    assert training.segmentation_loss(logits, torch.full((1, 2, 2), IGNORE_INDEX)).item() == 0.0
+    assert recipe.segmentation_loss(logits, target).item() < 1e-3
+    assert recipe.segmentation_loss(logits, torch.full((1, 2, 2), IGNORE_INDEX)).item() == 0.0
 
 
 def test_evaluate_counts_every_labelled_val_pixel(voc):
-    model, info = training.initial_model(voc)
+    model, info = recipe.initial_model(voc)
     _, val = open_train_val(voc.data, voc.extra_train_lists)
-    from deconvnet.proposals import ProposalConfig
+    from deconvnet.inference.proposals import ProposalConfig
 
-    cm = training.evaluate(model, val, info, ProposalConfig(max_proposals=2))
+    cm = recipe.evaluate(model, val, info, ProposalConfig(max_proposals=2))
     assert isinstance(cm, ConfusionMatrix) and model.training  # train mode restored
     labelled = sum(int((val.load(i).classes != IGNORE_INDEX).sum()) for i in range(len(val)))
     assert cm.matrix.sum() == labelled

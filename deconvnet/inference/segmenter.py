@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .geometry import integer_boxes
-from .weights import ModelInfo, load_model_dir
+from ..geometry import integer_boxes
+from ..weights import ModelInfo, load_model_dir
 
 AGGREGATES = ("max", "mean")
 MERGES = ("softmax", "raw")

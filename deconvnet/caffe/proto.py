@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import storage
+from .. import storage
 
 
 # V1LayerParameter.LayerType of the fork's caffe.proto (BN, DECONVOLUTION,

@@ -11,7 +11,7 @@ authors' training data layers in HyeonwooNoh/caffe `window_seg_data_layer`).
   class) pair is repeated about max_count / count times, where count is how
   many training images hold that class (`class_balanced_entries`), and its
   crop centres on an object of that class.
-- Stage 2: crops of object proposals (`deconvnet.proposals`) whose box overlaps
+- Stage 2: crops of object proposals (`deconvnet.inference.proposals`) whose box overlaps
   a ground-truth object's box with IoU >= 0.5, every class labelled. The IoU is
   taken before the proposal's 1.2x enlargement, and the crop is the enlarged
   box, exactly the view the segmenter gives the network at inference. An image
@@ -46,14 +46,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from .geometry import Instance, enlarge_boxes, find_instances, integer_boxes, matching_proposals, object_labels
-from .proposals import ProposalConfig, propose
-from .segmenter import normalise
-from .voc import IGNORE_INDEX, VocDataset, VocSample
-from .weights import ModelInfo
+from ..geometry import Instance, enlarge_boxes, find_instances, integer_boxes, matching_proposals, object_labels
+from ..inference.proposals import ProposalConfig, propose
+from ..inference.segmenter import normalise
+from ..voc import IGNORE_INDEX, VocDataset, VocSample
+from ..weights import ModelInfo
 
 if TYPE_CHECKING:
-    from .training import TrainConfig
+    from .recipe import TrainConfig
 
 ANY_CLASS = -1  # an entry that centres on any of the image's objects
 

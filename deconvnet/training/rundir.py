@@ -28,13 +28,13 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from . import storage
-from .metrics import ConfusionMatrix
-from .records import now_iso, read_json, write_json
-from .weights import ModelInfo, load_model_dir, save_model_dir
+from .. import storage
+from ..metrics import ConfusionMatrix
+from ..records import now_iso, read_json, write_json
+from ..weights import ModelInfo, load_model_dir, save_model_dir
 
 if TYPE_CHECKING:
-    from .training import TrainConfig
+    from .recipe import TrainConfig
 
 RESULTS_DIR = "results"  # under <storage>/<name>/, beside Ray Train's checkpoint_* dirs
 CONFIG_FILE = "config.json"  # in results/: the settings the run was started with

@@ -5,8 +5,8 @@ runs these on every Ray Train worker.
 
 The rest of training lives beside it, one idea a module:
 `deconvnet.voc` (the dataset layout and lists), `deconvnet.geometry` (objects
-and boxes), `deconvnet.crops` (the two stages' crops, augmentation, class
-balance, the sample stream) and `deconvnet.rundir` (checkpoints and everything
+and boxes), `deconvnet.training.crops` (the two stages' crops, augmentation, class
+balance, the sample stream) and `deconvnet.training.rundir` (checkpoints and everything
 else under <storage>/<name>/).
 
 Evaluation (`evaluate`) runs the exported model's own inference path: the
@@ -29,13 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import storage
-from .metrics import ConfusionMatrix
-from .model import PRESETS, build_model, preset
-from .proposals import PROPOSAL_METHODS, ProposalConfig, propose
-from .segmenter import Segmenter, SegmenterConfig
-from .voc import IGNORE_INDEX, VOC_CLASSES, VocDataset
-from .weights import ModelInfo, load_model_dir
+from .. import storage
+from ..metrics import ConfusionMatrix
+from ..model import PRESETS, build_model, preset
+from ..inference.proposals import PROPOSAL_METHODS, ProposalConfig, propose
+from ..inference.segmenter import Segmenter, SegmenterConfig
+from ..voc import IGNORE_INDEX, VOC_CLASSES, VocDataset
+from ..weights import ModelInfo, load_model_dir
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .caffe import DECONVNET_TABLE, DECONVS, VGG_CONVS, TableEntry
-from .caffeproto import Blob, Layer
+from deconvnet.caffe.convert import DECONVNET_TABLE, DECONVS, VGG_CONVS, TableEntry
+from deconvnet.caffe.proto import Blob, Layer
 
 
 def _conv_block(params, name: str, bottom: str, type_: str = "CONVOLUTION") -> Layer:

@@ -45,9 +45,9 @@ from typing import Any
 
 import numpy as np
 
-from . import storage
-from .geometry import enlarge_boxes, integer_boxes
-from .imageio import downscale
+from .. import storage
+from ..geometry import enlarge_boxes, integer_boxes
+from ..imageio import downscale
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
     python -m deconvnet convert-caffe DeconvNet_trainval_inference.caffemodel --out models/deconvnet-voc
 
 A `.caffemodel` is a protobuf `NetParameter`, read and written by
-`deconvnet.caffeproto` (no Caffe, no generated protobuf code, no pickle).
+`deconvnet.caffe.proto` (no Caffe, no generated protobuf code, no pickle).
 
 One pure function per foreign layout maps Caffe blobs to a state dict (the way
 timm's `_convert_vgg` does): `deconvnet_from_caffe`, `fcn8s_from_caffe`,
@@ -29,11 +29,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import storage
-from .caffeproto import CaffeNet, read_caffemodel
-from .model import DeconvNetConfig, build_model
-from .voc import VOC_CLASSES
-from .weights import ModelInfo, _diff_state, init_from_vgg16, write_model_dir
+from .. import storage
+from .proto import CaffeNet, read_caffemodel
+from ..model import DeconvNetConfig, build_model
+from ..voc import VOC_CLASSES
+from ..weights import ModelInfo, _diff_state, init_from_vgg16, write_model_dir
 
 # The release's Caffe mean, B, G, R (inference/util/preprocess_image_bb.m).
 CAFFE_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
@@ -385,7 +385,7 @@ def convert_caffemodel(uri: str, out: str, kind: str | None = None, classes: Seq
                        storage_options: storage.StorageOptions | None = None) -> Converted:
     """Read a `.caffemodel` (path or URI), convert it and write a model directory
     at `out`. Nothing is written unless the whole file converts."""
-    from .records import now_iso
+    from ..records import now_iso
 
     net = read_caffemodel(uri, storage_options)
     conv = convert(net, kind, classes, bn_mode, seed, source=uri)
