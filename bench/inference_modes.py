@@ -4,7 +4,7 @@ ground truth.
 
     python bench/inference_modes.py --model models/synth --images 10
 
-Images: generated VOC-sized scenes (`deconvnet.synthetic`, 500x375, with their
+Images: generated VOC-sized scenes (`deconvnet.data.synthetic`, 500x375, with their
 labels) plus the photographs given with --photo (no labels: agreement only).
 Both modes see the same grid proposals (the default `--proposals` without an
 edge model) and the same CRF preset; `original` keeps its own rules (boxes
@@ -23,13 +23,13 @@ import numpy as np
 import record  # bench/record.py: this script's folder is on sys.path
 from deconvnet import storage
 from deconvnet.inference.crf import dense_crf
-from deconvnet.imageio import decode_image
+from deconvnet.data.imageio import decode_image
 from deconvnet.inference import INFERENCE_MODES, inference_configs
 from deconvnet.metrics import ConfusionMatrix
 from deconvnet.inference.proposals import propose
 from deconvnet.records import now_iso
 from deconvnet.inference.segmenter import Segmenter, labels_and_confidence
-from deconvnet.synthetic import sample
+from deconvnet.data.synthetic import sample
 from deconvnet.weights import load_model_dir
 
 

@@ -6,7 +6,7 @@ rate for the same proposals; plus peak memory of the driver and the workers.
     python bench/pipeline.py --images 16 --scale 10 --crf none     # memory at N and 10N
     python bench/pipeline.py --images 64 --preset paper --crf none  # on a GPU machine
 
-The dataset is generated (deconvnet.synthetic, 500x375 like PASCAL VOC) and
+The dataset is generated (deconvnet.data.synthetic, 500x375 like PASCAL VOC) and
 cached under --work; the model is a fresh `--preset` model directory (speed does
 not depend on the weights). Prints a table and appends JSON lines to
 bench/results/pipeline.json.
@@ -33,12 +33,12 @@ import record as bench_record  # bench/record.py: this script's folder is on sys
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 from deconvnet import storage
 from deconvnet.inference.crf import crf_config, dense_crf
-from deconvnet.imageio import decode_image
+from deconvnet.data.imageio import decode_image
 from deconvnet.model import build_model, preset
 from deconvnet.inference.proposals import ProposalConfig, propose
 from deconvnet.inference.segmenter import Segmenter, SegmenterConfig, labels_and_confidence
-from deconvnet.synthetic import generate
-from deconvnet.voc import encode_label_png
+from deconvnet.data.synthetic import generate
+from deconvnet.data.voc import encode_label_png
 from deconvnet.weights import ModelInfo, save_model_dir
 
 

@@ -23,7 +23,7 @@ import record  # bench/record.py: this script's folder is on sys.path
 from deconvnet.model import build_model, preset
 from deconvnet.inference.proposals import ProposalConfig, propose
 from deconvnet.inference.segmenter import Segmenter, SegmenterConfig
-from deconvnet.synthetic import sample
+from deconvnet.data.synthetic import sample
 from deconvnet.weights import ModelInfo
 
 

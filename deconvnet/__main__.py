@@ -40,7 +40,7 @@ def cmd_init(args, parser) -> int:
     from .model import build_model, preset
     from .records import now_iso
     from .weights import ModelInfo, init_from_vgg16, read_state_dict, save_model_dir
-    from .voc import VOC_CLASSES
+    from .data.voc import VOC_CLASSES
 
     opts = storage_options_from(parser, args.storage_option)
     classes = read_classes(args, parser, opts) or VOC_CLASSES
@@ -65,11 +65,11 @@ def cmd_init(args, parser) -> int:
 
 def cmd_segment(args, parser) -> int:
     from .inference.crf import dense_crf
-    from .imageio import BadImage, decode_image, encode_jpeg
+    from .data.imageio import BadImage, decode_image, encode_jpeg
     from .inference import inference_configs
     from .inference.proposals import propose
     from .inference.segmenter import Segmenter, labels_and_confidence
-    from .voc import encode_label_png, overlay
+    from .data.voc import encode_label_png, overlay
 
     opts = storage_options_from(parser, args.storage_option)
     try:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .voc import IGNORE_INDEX, VOC_CLASSES
+from .data.voc import IGNORE_INDEX, VOC_CLASSES
 
 
 def _as_numpy(x: Any) -> np.ndarray:

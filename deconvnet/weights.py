@@ -32,7 +32,7 @@ from torch import nn
 
 from . import storage
 from .model import DeconvNetConfig, build_model
-from .voc import VOC_CLASSES, voc_palette
+from .data.voc import VOC_CLASSES, voc_palette
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"

@@ -1,7 +1,7 @@
 """The embedded demo behind `make demo`: everything on this machine, no cluster,
 no downloads. It runs the same commands a user would:
 
-    python -m deconvnet.synthetic --out demo-out/data --images 120 --seed 0
+    python -m deconvnet.data.synthetic --out demo-out/data --images 120 --seed 0
     python jobs/train.py --data demo-out/data --preset tiny --num-workers 1 ... --export demo-out/model
     python jobs/segment_dataset.py --input demo-out/images --output demo-out/labels --model demo-out/model \
         --overlays --gallery
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     data, images, model = (os.path.join(a.out, d) for d in ("data", "images", "model"))
     if not os.path.exists(os.path.join(data, "ImageSets")):
-        sh("-m", "deconvnet.synthetic", "--out", data, "--images", str(a.images), "--seed", "0")
+        sh("-m", "deconvnet.data.synthetic", "--out", data, "--images", str(a.images), "--seed", "0")
     if not a.train:
         model = os.path.join(a.out, "untrained")
         if not os.path.exists(os.path.join(model, "config.json")):

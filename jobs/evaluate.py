@@ -53,7 +53,7 @@ from deconvnet import storage
 from deconvnet.cli import add_storage_option_arg, storage_options_from
 from deconvnet.metrics import ConfusionMatrix
 from deconvnet.records import read_json, write_json
-from deconvnet.voc import VAL_LIST, decode_label_png, read_list
+from deconvnet.data.voc import VAL_LIST, decode_label_png, read_list
 from deconvnet.weights import read_model_info
 from pipeline.outputs import iter_rows, latest_rows, read_predictions
 

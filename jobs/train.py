@@ -9,7 +9,7 @@ On a cluster (see ray_cluster.yaml):
 
 On a laptop (no cluster address: an embedded local Ray is started):
 
-    python -m deconvnet.synthetic --out data/synth --images 200
+    python -m deconvnet.data.synthetic --out data/synth --images 200
     python jobs/train.py --data data/synth --storage runs --name synth --preset tiny \\
         --num-workers 2 --export models/synth
 
@@ -48,7 +48,7 @@ from deconvnet.cli import add_storage_option_arg, config_error, flags_of, storag
 from deconvnet.inference.proposals import ProposalConfig
 from deconvnet.records import now_iso
 from deconvnet.training.recipe import RECIPES, TRAINING_PROPOSALS, TrainConfig, config_for
-from deconvnet.voc import TRAIN_LIST, VAL_LIST, VocDataset, open_train_val
+from deconvnet.data.voc import TRAIN_LIST, VAL_LIST, VocDataset, open_train_val
 from deconvnet.weights import ModelInfo, read_model_info
 
 if TYPE_CHECKING:

@@ -23,10 +23,10 @@ import torch
 
 from deconvnet import storage
 from deconvnet.inference.crf import CRFConfig, dense_crf
-from deconvnet.imageio import MAX_BYTES, BadImage, decode_image, encode_jpeg
+from deconvnet.data.imageio import MAX_BYTES, BadImage, decode_image, encode_jpeg
 from deconvnet.inference.proposals import ProposalConfig, propose
 from deconvnet.inference.segmenter import Segmenter, SegmenterConfig, labels_and_confidence
-from deconvnet.voc import encode_label_png, overlay
+from deconvnet.data.voc import encode_label_png, overlay
 
 from .outputs import mask_uri, overlay_uri
 from .rows import STAGE_COLUMNS

@@ -77,7 +77,7 @@ def tiny_model(tmp_path_factory) -> str:
 @pytest.fixture
 def voc(tmp_path):
     """A TrainConfig (tiny recipe, batch 2, in-process) over 6 generated VOC-layout scenes (4 train, 2 val)."""
-    from deconvnet import synthetic
+    from deconvnet.data import synthetic
     from deconvnet.training.recipe import config_for
 
     synthetic.generate(str(tmp_path / "voc"), images=6, seed=1, size=64, val_fraction=0.34)

@@ -26,7 +26,8 @@ import uuid
 import pytest
 from clusterutil import LocalCluster
 
-from deconvnet import storage, synthetic
+from deconvnet import storage
+from deconvnet.data import synthetic
 from test_faults import assert_one_ok_row_and_mask_per_input, upload_scenes
 from test_pipeline import predictions, run_records
 

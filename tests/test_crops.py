@@ -8,13 +8,13 @@ from itertools import islice
 import numpy as np
 import torch
 
-from deconvnet import synthetic
+from deconvnet.data import synthetic
 from deconvnet.training import crops, recipe
 from deconvnet.training.crops import ANY_CLASS, CropDataset, class_balanced_entries, crop_and_augment, crop_loader
-from deconvnet.geometry import box_iou, enlarge_boxes, find_instances, object_labels
+from deconvnet.data.geometry import box_iou, enlarge_boxes, find_instances, object_labels
 from deconvnet.model import preset
 from deconvnet.training.recipe import TrainConfig, config_for
-from deconvnet.voc import IGNORE_INDEX, VocDataset, VocSample, open_train_val
+from deconvnet.data.voc import IGNORE_INDEX, VocDataset, VocSample, open_train_val
 from deconvnet.weights import ModelInfo
 from test_geometry import scene
 

@@ -24,10 +24,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deconvnet import storage, synthetic
-from deconvnet.imageio import decode_image
+from deconvnet import storage
+from deconvnet.data import synthetic
+from deconvnet.data.imageio import decode_image
 from deconvnet.model import build_model, preset
-from deconvnet.voc import VOC_CLASSES, encode_label_png
+from deconvnet.data.voc import VOC_CLASSES, encode_label_png
 from deconvnet.weights import ModelInfo, save_model_dir
 from jobs import evaluate, segment_dataset
 from pipeline import rows

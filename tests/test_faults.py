@@ -27,7 +27,7 @@ from s3faults import S3FaultProxy, wait_for
 from test_pipeline import FAST, predictions, run_records
 
 from deconvnet import storage
-from deconvnet.voc import decode_label_png
+from deconvnet.data.voc import decode_label_png
 from jobs import segment_dataset
 
 

@@ -20,7 +20,7 @@ from corpus import PHOTO, scene
 from PIL import Image
 
 from deconvnet import storage
-from deconvnet.voc import VOC_CLASSES, voc_palette
+from deconvnet.data.voc import VOC_CLASSES, voc_palette
 from pipeline import gallery
 from pipeline.outputs import PREDICTION_SCHEMA, latest_rows
 from jobs import segment_dataset

@@ -1,4 +1,4 @@
-"""deconvnet/geometry.py: connected components, ground-truth objects, box IoU."""
+"""deconvnet/data/geometry.py: connected components, ground-truth objects, box IoU."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from collections import deque
 
 import numpy as np
 
-from deconvnet.geometry import box_iou, connected_components, find_instances, matching_proposals, object_labels
-from deconvnet.voc import IGNORE_INDEX
+from deconvnet.data.geometry import box_iou, connected_components, find_instances, matching_proposals, object_labels
+from deconvnet.data.voc import IGNORE_INDEX
 
 
 def _bfs_components(mask: np.ndarray) -> tuple[np.ndarray, int]:

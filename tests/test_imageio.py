@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from corpus import corpus, scene
 
-from deconvnet.imageio import BadImage, check_size, decode_image
+from deconvnet.data.imageio import BadImage, check_size, decode_image
 
 CASES = corpus()
 

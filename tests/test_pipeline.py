@@ -14,7 +14,7 @@ from corpus import corpus
 
 from deconvnet import storage
 from deconvnet.records import read_json
-from deconvnet.voc import decode_label_png
+from deconvnet.data.voc import decode_label_png
 from pipeline.job import run
 from pipeline.outputs import iter_rows, read_predictions, relative_key
 from jobs import segment_dataset
@@ -117,7 +117,7 @@ def test_fail_on_error_exits_1(ray_session, tmp_path, tiny_model):
 def test_inference_original_runs_the_releases_rules(ray_session, tmp_path, tiny_model):
     """--inference original end to end: proposals as the release takes them (no
     whole-image box, boxes under 112 px skipped), the mode in the run's record."""
-    from deconvnet.imageio import decode_image
+    from deconvnet.data.imageio import decode_image
     from deconvnet.inference import inference_configs
     from deconvnet.inference.proposals import propose
 

@@ -9,7 +9,7 @@ import fsspec
 import numpy as np
 import pytest
 
-from deconvnet.geometry import enlarge_boxes
+from deconvnet.data.geometry import enlarge_boxes
 from deconvnet.inference.proposals import PROPOSAL_METHODS, ProposalConfig, propose
 
 

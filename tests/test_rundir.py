@@ -6,7 +6,7 @@ import torch
 
 from deconvnet.training import recipe, rundir
 from deconvnet.training.crops import CropDataset, crop_loader
-from deconvnet.voc import open_train_val
+from deconvnet.data.voc import open_train_val
 from deconvnet.weights import load_model_dir
 
 

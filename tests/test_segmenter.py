@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from deconvnet.model import PRESETS, DeconvNet, preset
-from deconvnet.geometry import integer_boxes
+from deconvnet.data.geometry import integer_boxes
 from deconvnet.inference.segmenter import MergedMap, Segmenter, SegmenterConfig, crop_boxes
 from deconvnet.weights import ModelInfo
 
@@ -181,7 +181,7 @@ def test_segment_command_on_a_real_photograph(tmp_path):
     from corpus import PHOTO
     from PIL import Image
 
-    from deconvnet.voc import decode_label_png
+    from deconvnet.data.voc import decode_label_png
     from deconvnet.weights import save_model_dir
     save_model_dir(DeconvNet(PRESETS["tiny"]), str(tmp_path / "m"), ModelInfo(config=PRESETS["tiny"]))
     r = subprocess.run([sys.executable, "-m", "deconvnet", "segment", str(PHOTO), "--model", str(tmp_path / "m"),

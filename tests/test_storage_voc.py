@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from deconvnet import storage
-from deconvnet.voc import VOC_CLASSES, colorize, decode_label_png, encode_label_png, overlay, voc_palette
+from deconvnet.data.voc import VOC_CLASSES, colorize, decode_label_png, encode_label_png, overlay, voc_palette
 
 
 @pytest.fixture(params=["local", "memory", "s3"])

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from deconvnet import storage
-from deconvnet.synthetic import border_band, class_appearance, generate, image_id, main, parse_size, sample
-from deconvnet.voc import IGNORE_INDEX, decode_label_png
+from deconvnet.data.synthetic import border_band, class_appearance, generate, image_id, main, parse_size, sample
+from deconvnet.data.voc import IGNORE_INDEX, decode_label_png
 
 
 def _read_split(root: str, split: str) -> list[str]:
@@ -105,8 +105,8 @@ def test_cli_bad_argument_exits_2(tmp_path, capsys, argv):
 
 
 def test_cli_subprocess_one_line_error(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "deconvnet.synthetic", "--out", str(tmp_path),
+    r = subprocess.run([sys.executable, "-m", "deconvnet.data.synthetic", "--out", str(tmp_path),
                         "--images", "3", "--size", "abc"], capture_output=True, text=True)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith("python -m deconvnet.synthetic: error: --size")
+    assert r.stderr.strip().splitlines()[-1].startswith("python -m deconvnet.data.synthetic: error: --size")

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from deconvnet import storage, synthetic
+from deconvnet import storage
+from deconvnet.data import synthetic
 from deconvnet.weights import load_model_dir
 from jobs import train as train_job
 

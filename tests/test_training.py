@@ -12,7 +12,7 @@ from deconvnet.training import recipe
 from deconvnet.metrics import ConfusionMatrix
 from deconvnet.model import build_model, preset
 from deconvnet.training.recipe import config_for, learning_rate
-from deconvnet.voc import IGNORE_INDEX, open_train_val
+from deconvnet.data.voc import IGNORE_INDEX, open_train_val
 
 
 def test_param_groups_carry_the_prototxts_multipliers():

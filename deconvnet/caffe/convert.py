@@ -32,7 +32,7 @@ import torch
 from .. import storage
 from .proto import CaffeNet, read_caffemodel
 from ..model import DeconvNetConfig, build_model
-from ..voc import VOC_CLASSES
+from ..data.voc import VOC_CLASSES
 from ..weights import ModelInfo, _diff_state, init_from_vgg16, write_model_dir
 
 # The release's Caffe mean, B, G, R (inference/util/preprocess_image_bb.m).

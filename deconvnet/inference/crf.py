@@ -45,7 +45,7 @@ import pydensecrf.densecrf as dcrf
 import torch
 import torch.nn.functional as F
 
-from ..imageio import downscale
+from ..data.imageio import downscale
 
 KERNELS = {"const": dcrf.CONST_KERNEL, "diag": dcrf.DIAG_KERNEL, "full": dcrf.FULL_KERNEL}
 NORMALIZATIONS = {"none": dcrf.NO_NORMALIZATION, "before": dcrf.NORMALIZE_BEFORE,

@@ -46,8 +46,8 @@ from typing import Any
 import numpy as np
 
 from .. import storage
-from ..geometry import enlarge_boxes, integer_boxes
-from ..imageio import downscale
+from ..data.geometry import enlarge_boxes, integer_boxes
+from ..data.imageio import downscale
 
 
 @dataclass(frozen=True)

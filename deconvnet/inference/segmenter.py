@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..geometry import integer_boxes
+from ..data.geometry import integer_boxes
 from ..weights import ModelInfo, load_model_dir
 
 AGGREGATES = ("max", "mean")

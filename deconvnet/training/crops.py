@@ -46,10 +46,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from ..geometry import Instance, enlarge_boxes, find_instances, integer_boxes, matching_proposals, object_labels
+from ..data.geometry import Instance, enlarge_boxes, find_instances, integer_boxes, matching_proposals, object_labels
 from ..inference.proposals import ProposalConfig, propose
 from ..inference.segmenter import normalise
-from ..voc import IGNORE_INDEX, VocDataset, VocSample
+from ..data.voc import IGNORE_INDEX, VocDataset, VocSample
 from ..weights import ModelInfo
 
 if TYPE_CHECKING:

@@ -4,7 +4,7 @@ evaluation with the segmenter's own inference path. No Ray here; jobs/train.py
 runs these on every Ray Train worker.
 
 The rest of training lives beside it, one idea a module:
-`deconvnet.voc` (the dataset layout and lists), `deconvnet.geometry` (objects
+`deconvnet.data.voc` (the dataset layout and lists), `deconvnet.data.geometry` (objects
 and boxes), `deconvnet.training.crops` (the two stages' crops, augmentation, class
 balance, the sample stream) and `deconvnet.training.rundir` (checkpoints and everything
 else under <storage>/<name>/).
@@ -34,7 +34,7 @@ from ..metrics import ConfusionMatrix
 from ..model import PRESETS, build_model, preset
 from ..inference.proposals import PROPOSAL_METHODS, ProposalConfig, propose
 from ..inference.segmenter import Segmenter, SegmenterConfig
-from ..voc import IGNORE_INDEX, VOC_CLASSES, VocDataset
+from ..data.voc import IGNORE_INDEX, VOC_CLASSES, VocDataset
 from ..weights import ModelInfo, load_model_dir
 
 

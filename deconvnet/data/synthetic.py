@@ -1,7 +1,7 @@
 """A small, learnable segmentation dataset in the PASCAL VOC layout.
 
-    python -m deconvnet.synthetic --out data/synth --images 200 --seed 0
-    python -m deconvnet.synthetic --out s3://bucket/synth --images 1000 --seed 1 --size 320x240 --classes 6
+    python -m deconvnet.data.synthetic --out data/synth --images 200 --seed 0
+    python -m deconvnet.data.synthetic --out s3://bucket/synth --images 1000 --seed 1 --size 320x240 --classes 6
 
 Foreground class k uses VOC id k (1 = aeroplane, 2 = bicycle, ...), so VOC's
 names and palette apply, but it looks nothing like one: every class has its own
@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from . import storage
+from .. import storage
 from .imageio import encode_jpeg
 from .voc import IGNORE_INDEX, VOC_CLASSES, encode_label_png
 
@@ -250,9 +250,9 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .__main__ import add_storage_option_arg, storage_options_from
+    from ..cli import add_storage_option_arg, storage_options_from
 
-    parser = argparse.ArgumentParser(prog="python -m deconvnet.synthetic",
+    parser = argparse.ArgumentParser(prog="python -m deconvnet.data.synthetic",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="dataset root URI to write (local path, s3://, ...)")
     parser.add_argument("--images", type=int, required=True, help="number of images")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from . import storage
+from .. import storage
 from .imageio import decode_image
 
 VOC_CLASSES: tuple[str, ...] = (
