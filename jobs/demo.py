@@ -7,7 +7,7 @@ no downloads. It runs the same commands a user would:
         --overlays --gallery
 
 The tiny model is trained from scratch on CPU with the preset's recipe (400
-steps, about ten minutes on two cores; the README's learning check is this run).
+steps, about ten minutes on two cores; the learning check in docs/performance.md is this run).
 The images segmented are the held-out (val) generated scenes plus a real
 photograph from matplotlib's sample data; open demo-out/labels/index.html.
 With --no-train, a randomly initialised model (`python -m deconvnet init`) is
