@@ -116,7 +116,7 @@ def model_only(seg: Segmenter, proposals: int, batch_size: int) -> float:
 
 def record_proposals(output: str) -> list[int]:
     """num_proposals of every row the job wrote."""
-    from pipeline.outputs import iter_rows, read_predictions
+    from pipeline.predictions.parts import iter_rows, read_predictions
 
     return [r["num_proposals"] for r in iter_rows(read_predictions(output, ["num_proposals"]))]
 

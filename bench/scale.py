@@ -123,11 +123,12 @@ def seed_done(root: str, out: str, model: str, every: int) -> int:
 
     from deconvnet import storage
     from deconvnet.weights import read_model_info
-    from pipeline import compaction, rows
+    from pipeline import layout, rows
+    from pipeline.predictions import compaction
 
     model_id, left, chunk = read_model_info(model).model_id, 0, []
-    os.makedirs(os.path.join(out, "predictions"), exist_ok=True)
-    path = os.path.join(out, "predictions", "compact-00000000T000000Z-seeded.parquet")
+    path = layout.compacted_part_uri(out, "00000000T000000Z-seeded")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with pq.ParquetWriter(path, rows.SCHEMA) as w:
         for i, f in enumerate(storage.iter_files_detail(root)):
             if i % every == 0:
@@ -187,10 +188,10 @@ def driver_held(cfg, limit: int | None = None) -> int:
     import ray
 
     from deconvnet.weights import read_model_info
-    from pipeline import job, listing, rows
-    from pipeline.outputs import PredictionWriter, new_run_id
+    from pipeline import job, layout, listing, rows
+    from pipeline.predictions.writer import PredictionWriter
 
-    info, run_id = read_model_info(cfg.model), new_run_id()
+    info, run_id = read_model_info(cfg.model), layout.new_run_id()
     every = dataclasses.replace(cfg, limit=limit, incremental=False)
     todo = [row for w in listing.windows(every, info.model_id) for row in w.todo]
     ds = ray.data.from_items(todo, override_num_blocks=max(1, len(todo) // cfg.images_per_batch))
@@ -225,10 +226,11 @@ def parts_bench(part_counts: list[int], part_rows: int) -> list[dict]:
     server.start()
     os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
     from deconvnet import storage
-    from pipeline import rows
-    from pipeline.compaction import compact
-    from pipeline.done import DoneIndex
-    from pipeline.outputs import PredictionWriter, visible_parts
+    from pipeline import layout, rows
+    from pipeline.predictions.compaction import compact
+    from pipeline.predictions.done import DoneIndex
+    from pipeline.predictions.parts import visible_parts
+    from pipeline.predictions.writer import PredictionWriter
 
     results = []
     try:
@@ -245,7 +247,7 @@ def parts_bench(part_counts: list[int], part_rows: int) -> list[dict]:
 
             def sequential() -> int:  # how the job read them before: one part after another
                 done = {}
-                for p in storage.list_files(storage.join(output, "predictions"), [".parquet"]):
+                for p in storage.list_files(layout.predictions_uri(output), [layout.PART_SUFFIX]):
                     t = pq.read_table(io.BytesIO(storage.read_bytes(p)), columns=list(rows.DONE_COLUMNS))
                     for u, s, v in zip(t["image_uri"].to_pylist(), t["source_size"].to_pylist(),
                                        t["source_version"].to_pylist()):

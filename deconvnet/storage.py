@@ -7,6 +7,9 @@ a storage SDK. S3 endpoints are configured the way AWS tools do it: the
 credential variables, or explicitly through `storage_options`
 (e.g. `{"endpoint_url": "http://127.0.0.1:5000", "key": ..., "secret": ...}`).
 
+Many small objects (Parquet parts, label maps) are read concurrently with
+`read_concurrently`, the one thread pool for storage reads.
+
 Errors are built-in types raised from their cause: a missing object is
 `FileNotFoundError(uri)`, a malformed URI `ValueError`.
 
@@ -20,12 +23,15 @@ once. s3fs's own short retries run inside each attempt.
 
 from __future__ import annotations
 
+import itertools
 import mimetypes
 import os
 import posixpath
 import random
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +41,7 @@ from fsspec.core import split_protocol
 StorageOptions = Mapping[str, Any]
 
 RETRY_SECONDS_ENV = "DECONVNET_STORAGE_RETRY_SECONDS"
+READ_THREADS = 16  # objects read at once: object stores answer many small GETs in parallel
 _FIRST_WAIT, _MAX_WAIT = 0.2, 10.0  # backoff: 0.2 s doubling up to 10 s, with jitter
 # Failures no retry can fix; everything else an object store raises is worth another try.
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
@@ -272,6 +279,27 @@ def _local_pages(root: str, rel: str = "") -> Iterator[Page]:
             files.append((f"{rel}/{e.name}", st.st_size, str(st.st_mtime)))
     if files:
         yield files
+
+
+def read_concurrently(read: Callable[[Any], Any], items: Sequence[Any], threads: int = READ_THREADS) -> Iterator[Any]:
+    """`read(item)` of each item, in order, `threads` at a time: for reads of many
+    small objects (Parquet parts, label maps), where the time goes in waiting on
+    storage. At most 2 * `threads` results wait for the consumer, so memory holds
+    a few of them however many items there are. An exception is raised when its
+    item's turn comes; the items not started yet are then dropped."""
+    if len(items) <= 1:
+        yield from map(read, items)
+        return
+    pool = ThreadPoolExecutor(min(threads, len(items)))
+    try:
+        todo = iter(items)
+        pending = deque(pool.submit(read, x) for x in itertools.islice(todo, 2 * threads))
+        while pending:
+            result = pending.popleft().result()
+            pending.extend(pool.submit(read, x) for x in itertools.islice(todo, 1))
+            yield result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def open_input(uri: str, storage_options: StorageOptions | None = None):

@@ -12,8 +12,8 @@ Locally, or anywhere that reaches the bucket (it needs no Ray):
     python jobs/compact_predictions.py --output labels/
 
 Readers never see a row twice or miss one while it runs, and a run may write at
-the same time (pipeline/compaction.py says how). A labelling run also compacts
-by itself when parts pile up; this keeps that off the run's critical path.
+the same time (pipeline/predictions/compaction.py says how). A labelling run also
+compacts by itself when parts pile up; this keeps that off the run's critical path.
 Exit codes: 0 done, 1 storage failed (what was written stays consistent), 2 a bad argument.
 """
 
@@ -23,8 +23,8 @@ import argparse
 import sys
 
 from deconvnet.cli import add_storage_option_arg, storage_options_from
-from pipeline.compaction import MAX_ROWS, compact
-from pipeline.outputs import visible_parts
+from pipeline.predictions.compaction import MAX_ROWS, compact
+from pipeline.predictions.parts import visible_parts
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,10 +42,8 @@ import argparse
 import math
 import posixpath
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
-
 
 import pyarrow.compute as pc
 
@@ -55,10 +53,10 @@ from deconvnet.metrics import ConfusionMatrix
 from deconvnet.records import read_json, write_json
 from deconvnet.data.voc import VAL_LIST, decode_label_png, read_list
 from deconvnet.weights import read_model_info
-from pipeline.outputs import iter_rows, latest_rows, read_predictions
+from pipeline import layout
+from pipeline.predictions.parts import iter_rows, latest_rows, read_predictions
 
 ROW_COLUMNS = ["image_uri", "mask_uri", "status", "model_id", "run_id", "class_pixels"]
-READ_THREADS = 16  # masks and labels are small objects: reading them is waiting on storage
 SHOWN = 10  # ids named in a message before "..."
 
 
@@ -112,7 +110,7 @@ def class_names(predictions: str, row: dict[str, Any], num_classes: int, storage
     """The model's class names, from the model directory its run recorded; None
     when that directory is gone or holds another model by now."""
     try:
-        record = read_json(storage.join(predictions, "runs", f"{row['run_id']}.json"), storage_options)
+        record = read_json(layout.run_record_uri(predictions, row["run_id"]), storage_options)
         info = read_model_info(record["config"]["model"], storage_options)
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -172,13 +170,12 @@ def score(pairs: list[Pair], num_classes: int, storage_options=None) -> Confusio
 
     cm = ConfusionMatrix(num_classes)
     wrong = []
-    with ThreadPoolExecutor(READ_THREADS) as pool:
-        for p, (pred, label) in zip(pairs, pool.map(read, pairs)):
-            if pred.shape != label.shape:
-                wrong.append(f"{p.id} (mask {pred.shape[1]}x{pred.shape[0]}, "
-                             f"ground truth {label.shape[1]}x{label.shape[0]})")
-                continue
-            cm.update(pred, label)
+    for p, (pred, label) in zip(pairs, storage.read_concurrently(read, pairs)):
+        if pred.shape != label.shape:
+            wrong.append(f"{p.id} (mask {pred.shape[1]}x{pred.shape[0]}, "
+                         f"ground truth {label.shape[1]}x{label.shape[0]})")
+            continue
+        cm.update(pred, label)
     if wrong:
         raise EvaluationFailed(f"{len(wrong)} masks are not the size of their ground truth: {_named(wrong)}")
     return cm
@@ -227,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:  # unreachable endpoint, bad credentials, bad URI
         parser.error(f"--predictions: cannot read {a.predictions}: {type(e).__name__}: {e}")
     if not rows:
-        parser.error(f"--predictions: no labelled images in {storage.join(a.predictions, 'predictions')} "
+        parser.error(f"--predictions: no labelled images in {layout.predictions_uri(a.predictions)} "
                      f"(expected the segment job's --output)")
     try:
         model_id, rows = pick_model(rows, a.model_id)
@@ -241,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = {len(r["class_pixels"]) for r in rows}
     assert len(sizes) == 1, f"rows of one model with different class counts: {sizes}"
     (num_classes,) = sizes
-    out = a.out or storage.join(a.predictions, "eval")
+    out = a.out or layout.evaluation_uri(a.predictions)
     try:
         pairs, missing = match(listed, rows)
         if missing and not a.allow_missing:

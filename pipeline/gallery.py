@@ -9,7 +9,7 @@ a person what the labels are like.
     errors   how many images could not be labelled, and the first reasons
 
 It works from result rows (the Parquet rows of predictions/, one per image:
-see outputs.latest_rows) and returns text; the driver reads the rows and
+see predictions.parts.latest_rows) and returns text; the driver reads the rows and
 writes the page. The sample is deterministic: the images whose URI hashes
 lowest, so every run shows the same images and new ones join only by
 displacing others at random. The listing asks for overlays of every image

@@ -21,14 +21,15 @@ from typing import Any
 import ray
 
 from deconvnet import storage
-from deconvnet.records import now_iso
+from deconvnet.records import now_iso, write_json
 from deconvnet.weights import ModelInfo, read_model_info
 
-from . import gallery, rows, stages
-from .compaction import compact, needs_compaction
+from . import gallery, layout, rows, stages
 from .config import SegmentJobConfig
 from .listing import LISTING_CPUS, Tally, list_todo
-from .outputs import PredictionWriter, iter_rows, latest_rows, new_run_id, read_predictions, write_run_record
+from .predictions.compaction import compact, needs_compaction
+from .predictions.parts import iter_rows, latest_rows, read_predictions
+from .predictions.writer import PredictionWriter
 
 BLOCK_BYTES = 256 * 2**10  # Ray Data's block target: see listed()
 STREAMING_BUFFER_BLOCKS = 64  # blocks a task may yield ahead of its consumer: see listed()
@@ -138,7 +139,8 @@ def run(cfg: SegmentJobConfig, log: Callable[[str], None] = print, stage_fns=sta
     (the command line also checks the input), and JobFailed when the run breaks off."""
     opts = cfg.storage_options
     info = read_model_info(cfg.model, opts)
-    run_id = new_run_id()
+    run_id = layout.new_run_id()
+    record_uri = layout.run_record_uri(cfg.output, run_id)
     record: dict[str, Any] = {
         "run_id": run_id, "status": "running", "started": now_iso(), "model_id": info.model_id,
         "config": cfg.record(), "counts": {"seen": 0, "skipped": 0, "ok": 0, "error": 0},
@@ -149,7 +151,7 @@ def run(cfg: SegmentJobConfig, log: Callable[[str], None] = print, stage_fns=sta
     tally = Tally.remote()
     t0 = time.perf_counter()
     try:
-        write_run_record(cfg.output, run_id, record, opts)  # "running": a killed run stays visible as one
+        write_json(record_uri, record, opts)  # "running": a killed run stays visible as one
         if needs_compaction(cfg.output, opts):  # before the done-set is read: few parts to read
             # In a task: the compactor holds up to compaction.MAX_ROWS rows, the driver stays small.
             record["compaction"] = ray.get(ray.remote(compact).options(num_cpus=1, **_remote_env()).remote(
@@ -184,9 +186,9 @@ def run(cfg: SegmentJobConfig, log: Callable[[str], None] = print, stage_fns=sta
                       images_per_second=round((writer.counts["ok"] + writer.counts["error"]) / elapsed, 3)
                       if elapsed > 0 else None)
         try:
-            record["record_uri"] = write_run_record(cfg.output, run_id, record, opts)
+            record["record_uri"] = write_json(record_uri, record, opts)
         except Exception as e:  # storage gone: say what finished here instead
-            log(f"could not write runs/{run_id}.json ({type(e).__name__}: {e}); the record: "
+            log(f"could not write {record_uri} ({type(e).__name__}: {e}); the record: "
                 f"{json.dumps({k: record.get(k) for k in ('status', 'error', 'counts', 'prediction_parts')})}")
             if record["status"] == "completed":
                 raise JobFailed(f"run {run_id} labelled everything but could not write its record: "
@@ -230,11 +232,11 @@ def failure(e: BaseException) -> str:
 
 
 def write_gallery(cfg: SegmentJobConfig, info: ModelInfo, run: dict[str, Any]) -> str:
-    """index.html over every image under --output (the latest row of each), so the
+    """index.html over every image under the output (the latest row of each), so the
     page shows the whole output even after a run that labelled nothing new."""
     rows = latest_rows(read_predictions(cfg.output, list(gallery.COLUMNS), cfg.storage_options))
     summary = gallery.summarize(iter_rows(rows), cfg.gallery_size)
     page = gallery.render(summary, output=cfg.output, classes=info.classes, palette=info.palette_array(), run=run)
-    uri = storage.join(cfg.output, "index.html")
+    uri = layout.gallery_uri(cfg.output)
     storage.write_bytes(uri, page.encode("utf-8", "replace"), cfg.storage_options)
     return uri

@@ -2,7 +2,7 @@
 done-set checked per window, feeding Ray Data without a list on the driver.
 
     storage.iter_files_detail (pages, URI order) ─> windows of WINDOW images
-        ─> --limit, done-set lookup for the window's key range (done.py),
+        ─> `limit`, done-set lookup for the window's key range (predictions/done.py),
            gallery overlay flag (gallery.RunningSample)
         ─> a table of rows to label per window ─> Ray Data (one streaming task)
 
@@ -30,9 +30,9 @@ import ray
 from deconvnet import storage
 
 from .config import IMAGE_SUFFIXES, SegmentJobConfig
-from .done import DoneIndex
 from .gallery import RunningSample
-from .outputs import input_root, relative_key
+from .layout import input_root, relative_key
+from .predictions.done import DoneIndex
 
 WINDOW = 10_000  # listed images per window: the most the listing task holds at once
 LISTING_CPUS = 0.25  # it waits on storage; unlike the next stage's 0.5, so Ray does not fuse them

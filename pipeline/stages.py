@@ -28,7 +28,7 @@ from deconvnet.inference.proposals import ProposalConfig, propose
 from deconvnet.inference.segmenter import Segmenter, SegmenterConfig, labels_and_confidence
 from deconvnet.data.voc import encode_label_png, overlay
 
-from .outputs import mask_uri, overlay_uri
+from .layout import mask_uri, overlay_uri
 from .rows import STAGE_COLUMNS
 
 Batch = dict[str, np.ndarray]

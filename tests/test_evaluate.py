@@ -31,8 +31,8 @@ from deconvnet.model import build_model, preset
 from deconvnet.data.voc import VOC_CLASSES, encode_label_png
 from deconvnet.weights import ModelInfo, save_model_dir
 from jobs import evaluate, segment_dataset
-from pipeline import rows
-from pipeline.outputs import PredictionWriter
+from pipeline import layout, rows
+from pipeline.predictions.writer import PredictionWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 PROPOSALS = ["--proposals", "grid"]  # the training job's default for its val evaluation
@@ -142,7 +142,7 @@ def _output(base: str, masks: dict[str, np.ndarray], model_id: str, run_id: str,
     """What a segment run leaves: masks/<rel>.png and one Parquet part of rows."""
     writer = PredictionWriter(base, run_id, rows_per_part=100)
     for rel, labels in masks.items():
-        mask = storage.join(base, "masks", rel.rsplit(".", 1)[0] + ".png")
+        mask = layout.mask_uri(base, rel)
         if status == "ok":
             storage.write_bytes(mask, encode_label_png(labels))
         pixels = np.bincount(labels.ravel(), minlength=num_classes).tolist()
@@ -153,6 +153,11 @@ def _output(base: str, masks: dict[str, np.ndarray], model_id: str, run_id: str,
                      "source_size": 1, "source_version": "1", "model_id": model_id, "run_id": run_id,
                      "seconds": 0.0}], schema=rows.SCHEMA))
     writer.flush()
+
+
+def _summary(output: str) -> dict:
+    """The summary.json evaluate.py wrote where it writes by default, under the output."""
+    return json.loads(storage.read_bytes(storage.join(layout.evaluation_uri(output), "summary.json")))
 
 
 def _ground_truth(base: str, labels: dict[str, np.ndarray], val: list[str] | None = None) -> None:
@@ -172,7 +177,7 @@ def test_scores_by_hand(tmp_path, capsys):
     _output(str(tmp_path / "out"), {"a/x.jpg": PRED}, "m1", "20260101T000000Z-aaaaaa")
     _ground_truth(str(tmp_path / "gt"), {"x": GT})  # no val.txt: every id with a prediction
     assert evaluate.main(["--predictions", str(tmp_path / "out"), "--ground-truth", str(tmp_path / "gt")]) == 0
-    summary = json.loads((tmp_path / "out" / "eval" / "summary.json").read_text())
+    summary = _summary(str(tmp_path / "out"))
     assert summary["mean_iou"] == pytest.approx(0.5) and summary["pixel_accuracy"] == pytest.approx(2 / 3)
     assert summary["mean_accuracy"] == pytest.approx(0.75) and summary["num_classes"] == 3
     assert summary["pixels"] == 3 and summary["list"] == "every ground-truth id with a prediction"
@@ -189,7 +194,7 @@ def test_only_the_newest_ok_row_of_an_image_counts(tmp_path):
     _output(out, {"x.jpg": PRED}, "new", "20260102T000000Z-bbbbbb")  # overwrites the old mask
     _output(out, {"x.jpg": PRED}, "new", "20260103T000000Z-cccccc", status="error")  # a failed retry
     assert evaluate.main(["--predictions", out, "--ground-truth", gt]) == 0
-    summary = json.loads((tmp_path / "out" / "eval" / "summary.json").read_text())
+    summary = _summary(out)
     assert summary["model_id"] == "new" and summary["mean_iou"] == pytest.approx(0.5)
     # The old model's mask was overwritten, so asking for it finds nothing to score.
     with pytest.raises(SystemExit) as e:
@@ -207,7 +212,7 @@ def test_masks_of_two_models_need_model_id(tmp_path, capsys):
     assert e.value.code == 2
     assert "masks from 2 models: m1 (1 images), m2 (1 images)" in capsys.readouterr().err
     assert evaluate.main(["--predictions", out, "--ground-truth", gt, "--model-id", "m1", "--allow-missing"]) == 0
-    assert json.loads((tmp_path / "out" / "eval" / "summary.json").read_text())["missing"] == ["y"]
+    assert _summary(out)["missing"] == ["y"]
 
 
 def test_a_mask_of_the_wrong_size_fails_naming_it(tmp_path, capsys):
@@ -245,7 +250,7 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]  # after argparse's usage lines
     assert last.startswith("evaluate.py: error: ") and message in last and "Traceback" not in err
-    assert not (tmp_path / "out" / "eval").exists()
+    assert not storage.exists(layout.evaluation_uri(str(tmp_path / "out")))
 
 
 def test_command_line_bad_argument_has_no_traceback(tmp_path):

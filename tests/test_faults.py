@@ -28,6 +28,7 @@ from test_pipeline import FAST, predictions, run_records
 
 from deconvnet import storage
 from deconvnet.data.voc import decode_label_png
+from pipeline import layout
 from jobs import segment_dataset
 
 
@@ -92,7 +93,7 @@ class Killer(threading.Thread):
 def masks_written(output: str):
     def check() -> bool:
         try:
-            return bool(storage.list_files(storage.join(output, "masks")))
+            return bool(storage.list_files(layout.masks_uri(output)))
         except FileNotFoundError:
             return False
     return check
@@ -140,7 +141,7 @@ def test_a_killed_job_rerun_incrementally_finishes_without_duplicates(ray_sessio
 
     def parts() -> list[str]:
         try:
-            return storage.list_files(storage.join(output, "predictions"), [".parquet"])
+            return storage.list_files(layout.predictions_uri(output), [layout.PART_SUFFIX])
         except FileNotFoundError:
             return []
 

@@ -21,8 +21,9 @@ from PIL import Image
 
 from deconvnet import storage
 from deconvnet.data.voc import VOC_CLASSES, voc_palette
-from pipeline import gallery
-from pipeline.outputs import PREDICTION_SCHEMA, latest_rows
+from pipeline import gallery, layout
+from pipeline.predictions.parts import latest_rows
+from pipeline.rows import SCHEMA
 from jobs import segment_dataset
 
 
@@ -88,7 +89,7 @@ def test_latest_rows_keep_the_latest_run_of_each_image():
             row("s3://b/in/b.jpg", run_id="20260101T000000Z-aaaaaa"),
             row("s3://b/in/a.jpg", run_id="20260102T000000Z-bbbbbb", mean_confidence=0.9)]
     table = pa.Table.from_pylist([{k: r[k] for k in gallery.COLUMNS} for r in rows],
-                                 schema=pa.schema([PREDICTION_SCHEMA.field(c) for c in gallery.COLUMNS]))
+                                 schema=pa.schema([SCHEMA.field(c) for c in gallery.COLUMNS]))
     latest = latest_rows(table).to_pylist()
     assert [(r["image_uri"], round(r["mean_confidence"], 1)) for r in latest] == [
         ("s3://b/in/a.jpg", 0.9), ("s3://b/in/b.jpg", 0.8)]
@@ -133,7 +134,7 @@ def test_the_page_of_a_run_loads_in_chromium_with_no_errors(ray_session, tmp_pat
     out = str(tmp_path / "out")
     args = ["--input", inp, "--output", out, "--model", tiny_model, "--gallery", "--gallery-size", "5", *FAST]
     assert segment_dataset.main(args) == 0
-    first = (tmp_path / "out" / "index.html").read_text()
+    first = Path(layout.gallery_uri(out)).read_text()
 
     shown = gallery.sample([storage.join(inp, n) for n in names], 5)
     shown_ok = {u for u in shown if "/bad/" not in u}
@@ -142,12 +143,12 @@ def test_the_page_of_a_run_loads_in_chromium_with_no_errors(ray_session, tmp_pat
     running = gallery.RunningSample(5)
     flagged = {u for u in sorted(storage.join(inp, n) for n in names) if running.add(u)}
     assert running.uris() == shown and shown <= flagged
-    overlays = {str(p.relative_to(tmp_path / "out" / "overlays")) for p in (tmp_path / "out" / "overlays").rglob("*.*")}
-    assert overlays == {u[len(inp) + 1:].rsplit(".", 1)[0] + ".jpg" for u in flagged if "/bad/" not in u}
+    overlays = {str(p) for p in Path(layout.overlays_uri(out)).rglob("*.*")}
+    assert overlays == {layout.overlay_uri(out, u[len(inp) + 1:]) for u in flagged if "/bad/" not in u}
 
     # A run with nothing new rebuilds the page from all of predictions/: the same images.
     assert segment_dataset.main(args) == 0
-    page = (tmp_path / "out" / "index.html").read_text()
+    page = Path(layout.gallery_uri(out)).read_text()
     assert "labelled 0, found 0 errors and skipped 9 already labelled" in " ".join(page.split())
     assert re.findall(r'src="([^"]+)"', page) == re.findall(r'src="([^"]+)"', first)
 
@@ -155,7 +156,7 @@ def test_the_page_of_a_run_loads_in_chromium_with_no_errors(ray_session, tmp_pat
     broken.write_text('<img src="missing.png"><script>console.error("boom"); null.x;</script>')
     with serve(out) as base:
         http_page, file_page, bad = load_pages(
-            [base + "index.html", (tmp_path / "out" / "index.html").as_uri(), broken.as_uri()], tmp_path)
+            [base + layout.GALLERY, Path(layout.gallery_uri(out)).as_uri(), broken.as_uri()], tmp_path)
     for p in (http_page, file_page):
         assert p.problems == [], p.url
         assert len(p.images) == len(shown_ok) and all(i["complete"] and i["width"] > 0 for i in p.images), p.images
@@ -163,7 +164,7 @@ def test_the_page_of_a_run_loads_in_chromium_with_no_errors(ray_session, tmp_pat
         assert "Errors: 2 images could not be labelled" in p.text and p.title.startswith("Segmentation gallery")
         assert p.screenshot.stat().st_size > 10_000
     assert {i["src"][len(base):] for i in http_page.images} == {
-        gallery.relative_href(storage.join(out, "overlays", u[len(inp) + 1:].rsplit(".", 1)[0] + ".jpg"), out)
+        gallery.relative_href(layout.overlay_uri(out, u[len(inp) + 1:]), out)
         for u in shown_ok}
     assert any("boom" in m for m in bad.problems) and any("missing.png" in m for m in bad.problems)
     assert any(m.startswith("exception") for m in bad.problems) and bad.images[0]["width"] == 0

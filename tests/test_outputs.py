@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import threading
 import time
 from collections import Counter
@@ -15,12 +16,13 @@ import pyarrow as pa
 import pytest
 
 from deconvnet import storage
-from pipeline import gallery, rows
-from pipeline.compaction import compact
+from pipeline import gallery, layout, rows
 from pipeline.config import SegmentJobConfig
-from pipeline.done import DoneIndex
 from pipeline.listing import windows
-from pipeline.outputs import PredictionWriter, latest_rows, read_predictions, visible_parts
+from pipeline.predictions.compaction import compact
+from pipeline.predictions.done import DoneIndex
+from pipeline.predictions.parts import latest_rows, read_predictions, visible_parts
+from pipeline.predictions.writer import PredictionWriter
 
 
 def prediction_rows(uris: list[str], run_id: str, model_id: str = "m1", status: str = "ok",
@@ -47,6 +49,24 @@ def write_run(output: str, run_id: str, uris: list[str], rows_per_part: int = 2,
 
 def identities(table: pa.Table) -> list[tuple[str, str]]:
     return list(zip(table["image_uri"].to_pylist(), table["run_id"].to_pylist()))
+
+
+# --- the layout -----------------------------------------------------------------------
+
+
+def test_the_layout_names_every_path_under_the_output(tmp_path):
+    out = "s3://b/labels/"
+    assert layout.mask_uri(out, "a/x.jpeg") == "s3://b/labels/masks/a/x.png"
+    assert layout.overlay_uri(out, "a/x.jpeg") == "s3://b/labels/overlays/a/x.jpg"
+    assert layout.compacted_part_uri(out, "c1") == "s3://b/labels/predictions/compact-c1.parquet"
+    assert layout.run_record_uri(out, "r1") == "s3://b/labels/runs/r1.json"
+    assert layout.gallery_uri(out) == "s3://b/labels/index.html"
+    assert layout.evaluation_uri(out) == "s3://b/labels/eval"
+    assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{6}", layout.new_run_id())
+    parts = write_run(str(tmp_path / "out"), "20260101T000000Z-aaaaaa", ["a", "b", "c"])
+    assert [p[len(str(tmp_path)):] for p in parts] == [f"/out/predictions/20260101T000000Z-aaaaaa-part-0000{i}.parquet"
+                                                        for i in range(2)]
+    assert not any(map(layout.is_compacted, parts)) and layout.is_compacted(layout.compacted_part_uri(out, "c1"))
 
 
 # --- the row --------------------------------------------------------------------------

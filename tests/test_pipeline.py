@@ -16,7 +16,8 @@ from deconvnet import storage
 from deconvnet.records import read_json
 from deconvnet.data.voc import decode_label_png
 from pipeline.job import run
-from pipeline.outputs import iter_rows, read_predictions, relative_key
+from pipeline.layout import relative_key
+from pipeline.predictions.parts import iter_rows, read_predictions
 from jobs import segment_dataset
 
 

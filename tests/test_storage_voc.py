@@ -1,5 +1,8 @@
 """The storage layer (local, memory and a real S3 endpoint) and VOC label PNGs."""
 
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -46,6 +49,34 @@ def test_s3_objects_get_the_content_type_of_their_extension(s3_bucket):
         storage.write_bytes(uri, b"x")
         fs, path = storage.url_to_fs(uri)
         assert fs.info(path)["ContentType"] == kind
+
+
+def test_concurrent_reads_keep_order_hold_few_results_and_raise_in_turn():
+    lock, state = threading.Lock(), {"running": 0, "peak": 0, "started": 0}
+
+    def read(i: int) -> int:
+        with lock:
+            state["running"] += 1
+            state["started"] += 1
+            state["peak"] = max(state["peak"], state["running"])
+        time.sleep(0.005)
+        with lock:
+            state["running"] -= 1
+        if i == 7:
+            raise FileNotFoundError(f"item {i}")
+        return i * i
+
+    assert list(storage.read_concurrently(read, list(range(7)), threads=3)) == [i * i for i in range(7)]
+    assert 1 < state["peak"] <= 3
+    state["started"] = 0
+    results = storage.read_concurrently(read, list(range(100)), threads=3)
+    assert next(results) == 0
+    time.sleep(0.05)
+    assert state["started"] <= 2 * 3 + 1  # reads run ahead of the consumer by a few, not by all 100
+    with pytest.raises(FileNotFoundError, match="item 7"):
+        list(results)
+    assert state["started"] < 100  # the items after the failure were dropped, not read
+    assert list(storage.read_concurrently(read, [])) == [] and list(storage.read_concurrently(read, [2])) == [4]
 
 
 def test_redact_hides_secrets_but_keeps_endpoint():

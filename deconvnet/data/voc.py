@@ -15,7 +15,6 @@ authors' training lists and of SBD-augmented lists).
 from __future__ import annotations
 
 import io
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -168,15 +167,14 @@ class VocDataset:
                                  f"{image.shape[1]}x{image.shape[0]}")
         return VocSample(image, classes, objects)
 
-    def classes_present(self, threads: int = 16) -> list[tuple[int, ...]]:
+    def classes_present(self, threads: int = storage.READ_THREADS) -> list[tuple[int, ...]]:
         """The object classes (not background, not ignore) in each item's label
         map, read concurrently: label PNGs are small and reading them is waiting."""
         def present(item: VocItem) -> tuple[int, ...]:
             ids = np.unique(decode_label_png(storage.read_bytes(item.classes, self.storage_options)))
             return tuple(int(c) for c in ids if c not in (0, IGNORE_INDEX))
 
-        with ThreadPoolExecutor(threads) as pool:
-            return list(pool.map(present, self.items))
+        return list(storage.read_concurrently(present, self.items, threads))
 
 
 def open_train_val(root: str, extra_train_lists: Sequence[str] = (),

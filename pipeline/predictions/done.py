@@ -7,7 +7,7 @@ each image decides (run ids sort by start time).
 
 The listing comes in URI order, in windows; `lookup(lo, hi)` answers for the
 window's key range only. Memory does not grow with the output:
-- compacted parts (pipeline/compaction.py) are sorted by image_uri; each is
+- compacted parts (compaction.py) are sorted by image_uri; each is
   read a row group at a time, in order, and only row groups overlapping the
   window are held (about one per part);
 - the run parts not yet compacted are read once, only the done columns and
@@ -25,8 +25,8 @@ import pyarrow.parquet as pq
 
 from deconvnet import storage
 
-from . import rows
-from .outputs import Parts, latest_rows, read_parts, with_visible_parts
+from .. import rows
+from .parts import Parts, latest_rows, read_parts, with_visible_parts
 
 COLUMNS = list(rows.DONE_COLUMNS)
 

@@ -5,7 +5,7 @@ Every hourly run adds at least one part; after a year that is ~9,000 objects
 to read before a run can start. `compact` merges run parts (and compacted
 parts still under half the size limit) into one `compact-<id>.parquet`, rows
 sorted by image_uri (so a reader can look up a key range by row-group
-statistics: pipeline/done.py), at most `max_rows` rows each (this bounds the
+statistics: done.py), at most `max_rows` rows each (this bounds the
 compactor's memory), and then deletes what it merged. Rows are never changed,
 dropped or de-duplicated: every row of every run is still there.
 
@@ -17,17 +17,17 @@ new parts and while this runs:
    whose rows it holds (`REPLACES_KEY`).
 2. Only then are those parts deleted.
 
-A reader (`outputs.visible_parts`) lists predictions/ and skips every part
+A reader (`parts.visible_parts`) lists predictions/ and skips every part
 that a listed compacted part replaces. Listed before step 1: it sees the old
 parts and not the new one. Between 1 and 2: it sees both and skips the old.
 After 2: only the new one. A part deleted between its listing and its read is
-a FileNotFoundError, and the reader lists again (`outputs.with_visible_parts`).
+a FileNotFoundError, and the reader lists again (`parts.with_visible_parts`).
 A part a run writes while this runs is not in the manifest, so it stays
 visible. A compactor killed between 1 and 2 leaves replaced parts that every
 reader skips; the next compaction deletes them. Replacing a compacted part
 carries its manifest over, so its leftovers stay skipped after it is gone.
 Two compactors at once could each merge the same part; readers then keep one
-row per (image_uri, run_id) where it matters (outputs.latest_rows), and the
+row per (image_uri, run_id) where it matters (parts.latest_rows), and the
 deployment runs one at a time (deploy/: the same flock as the labelling).
 """
 
@@ -42,7 +42,8 @@ import pyarrow.parquet as pq
 
 from deconvnet import storage
 
-from .outputs import COMPACTED, REPLACES_KEY, new_run_id, part_name, read_parts, visible_parts
+from .. import layout
+from .parts import REPLACES_KEY, read_parts, visible_parts
 
 COMPACT_AT_PARTS = 32  # a run compacts first when this many run parts are visible
 MAX_ROWS = 500_000  # rows per compacted part (the compactor holds them in memory to sort)
@@ -89,12 +90,12 @@ def compact(output: str, storage_options=None, min_parts: int = 2, max_rows: int
 
 def _write(output: str, merged: list[str], tables: list[pa.Table], storage_options) -> str:
     """One compacted part holding `tables`, naming in its footer every part it replaces."""
-    replaces = {part_name(u) for u in merged}
+    replaces = {layout.part_name(u) for u in merged}
     table = pa.concat_tables(tables).sort_by([("image_uri", "ascending"), ("run_id", "ascending")])
     table = table.replace_schema_metadata({REPLACES_KEY: json.dumps(sorted(replaces)).encode()})
     buf = io.BytesIO()
     pq.write_table(table, buf, row_group_size=ROW_GROUP_ROWS)
-    uri = storage.join(output, "predictions", f"{COMPACTED}{new_run_id()}.parquet")
+    uri = layout.compacted_part_uri(output, layout.new_run_id())
     storage.write_bytes(uri, buf.getvalue(), storage_options)
     return uri
 
