@@ -64,14 +64,14 @@ class DeconvNetConfig:
     def __post_init__(self):
         """Raise ValueError naming the field (a config.json can say anything)."""
         if self.arch not in ("deconvnet", "fcn8s"):
-            raise ValueError(f"arch must be 'deconvnet' or 'fcn8s', got {self.arch!r}")
+            raise ValueError(f"`arch` must be 'deconvnet' or 'fcn8s', got {self.arch!r}")
         if self.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+            raise ValueError(f"`num_classes` must be >= 1, got {self.num_classes}")
         if not (self.width > 0 and self.fc_dim >= 1 and self.fc_kernel >= 1 and self.in_channels >= 1):
-            raise ValueError(f"width, fc_dim, fc_kernel and in_channels must be positive, got "
+            raise ValueError(f"`width`, `fc_dim`, `fc_kernel` and `in_channels` must be positive, got "
                              f"{self.width}, {self.fc_dim}, {self.fc_kernel}, {self.in_channels}")
         if self.vgg not in cfgs:
-            raise ValueError(f"vgg must be one of {sorted(cfgs)}, got {self.vgg!r}")
+            raise ValueError(f"`vgg` must be one of {sorted(cfgs)}, got {self.vgg!r}")
 
     def stage_widths(self) -> list[list[int]]:
         """Each stage's conv widths, scaled by `width` (at least 1 channel)."""

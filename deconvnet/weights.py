@@ -60,7 +60,7 @@ class ModelInfo:
 
     def __post_init__(self):
         if len(self.classes) != self.config.num_classes:
-            raise ValueError(f"{len(self.classes)} class names for a {self.config.num_classes}-class model")
+            raise ValueError(f"`classes` has {len(self.classes)} names for a {self.config.num_classes}-class model")
 
     def palette_array(self) -> np.ndarray:
         """(256, 3) uint8: class id k is drawn in colour k."""
@@ -81,10 +81,10 @@ class ModelInfo:
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> ModelInfo:
         if d.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"unsupported model format_version {d.get('format_version')!r}")
+            raise ValueError(f"unsupported model `format_version` {d.get('format_version')!r}")
         norm = d["normalization"]
         if norm.get("channel_order", "RGB") != "RGB":
-            raise ValueError(f"unsupported channel order {norm['channel_order']!r}")
+            raise ValueError(f"unsupported `channel_order` {norm['channel_order']!r}")
         return cls(
             config=DeconvNetConfig.from_dict(d["architecture"]),
             classes=tuple(d["classes"]),
@@ -196,7 +196,7 @@ def read_model_info(uri: str, storage_options: storage.StorageOptions | None = N
     except FileNotFoundError:
         raise FileNotFoundError(
             f"{uri} is not a model directory: no {CONFIG_FILE} "
-            f"(make one with `python -m deconvnet init` or the training job's --export)") from None
+            f"(make one with `python -m deconvnet init`, or with training's `export`)") from None
     try:
         return ModelInfo.from_json(json.loads(raw))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:

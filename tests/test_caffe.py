@@ -227,7 +227,7 @@ def test_new_layer_format_with_shape_blobs(tmp_path, tiny_params):
     src = _write(tmp_path, caffenets.deconvnet_layers(new_style), fmt="layer")  # biases (C,), as newer Caffe
     net = caffeproto.read_caffemodel(str(src))
     assert net.format == "layer (field 100)" and net.params()["conv1_1"][1].shape == (8,)
-    with pytest.raises(ValueError, match="--bn-mode"):
+    with pytest.raises(ValueError, match="`bn_mode`"):
         caffe.convert(net, classes=CLASSES)
     caffe.convert_caffemodel(str(src), str(tmp_path / "m"), classes=CLASSES, bn_mode="inference")
     model, info = load_model_dir(str(tmp_path / "m"))

@@ -133,7 +133,7 @@ def _bn_state(prefix: str, scale: np.ndarray, shift: np.ndarray, bn_mode: str | 
     bias = shift, mean 0 and var 1 - eps, which makes sqrt(var + eps) exactly 1.
     "learn": the blobs are gamma/beta of a training snapshot, with no statistics."""
     if bn_mode not in BN_MODES:
-        raise ValueError(f"BN mode must be one of {BN_MODES}, got {bn_mode!r}")
+        raise ValueError(f"`bn_mode` must be one of {BN_MODES}, got {bn_mode!r}")
     c = scale.size
     var = np.float32(1 - eps) if bn_mode == "inference" else np.float32(1)
     return {f"{prefix}.weight": scale, f"{prefix}.bias": shift,
@@ -197,7 +197,8 @@ def detect_kind(net: CaffeNet) -> str:
     if {VGG_CONVS[0], "fc6", "fc7"} <= names:
         return "vgg16"
     shown = ", ".join(sorted(names)[:8])
-    raise ValueError(f"cannot tell DeconvNet, FCN-8s or VGG16 from its layer names ({shown}, ...); pass --kind")
+    raise ValueError(f"cannot tell DeconvNet, FCN-8s or VGG16 from its layer names ({shown}, ...); "
+                     f"set `kind` to one of {', '.join(KINDS)}")
 
 
 def detect_bn_mode(net: CaffeNet) -> str | None:
@@ -272,7 +273,7 @@ def _check_shapes(state: Mapping[str, np.ndarray], config: DeconvNetConfig, tabl
         bad = [f"{owner.get(k.rsplit('.', 1)[0], k)} {tuple(given[k].shape)}, expected {tuple(expected[k].shape)}"
                for k in given if k in expected and given[k].shape != expected[k].shape]
         detail = "; ".join(bad) if bad else "; ".join(problems)
-        raise ValueError(f"blob shapes do not fit one DeconvNetConfig (width {config.width:g} from {VGG_CONVS[0]}, "
+        raise ValueError(f"blob shapes do not fit one DeconvNetConfig (`width` {config.width:g} from {VGG_CONVS[0]}, "
                          f"fc {config.fc_dim}, {config.num_classes} classes): {detail}")
 
 
@@ -286,16 +287,16 @@ def convert(net: CaffeNet, kind: str | None = None, classes: Sequence[str] | Non
     whose decoder is initialised as `init` does (seeded), for training."""
     kind = kind or detect_kind(net)
     if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        raise ValueError(f"`kind` must be one of {KINDS}, got {kind!r}")
     params = net.params()
     found_bn = detect_bn_mode(net)
     if kind == "deconvnet":
         bn_mode = bn_mode or found_bn
         if bn_mode is None:
             raise ValueError("cannot tell from the file whether BN holds folded inference scale/shift or "
-                             "training gamma/beta; pass --bn-mode inference or --bn-mode learn")
+                             "training gamma/beta; set `bn_mode` to 'inference' or 'learn'")
     elif bn_mode is not None:
-        raise ValueError(f"--bn-mode is for DeconvNet files; a {kind} file has no BN")
+        raise ValueError(f"`bn_mode` is for DeconvNet files; a {kind} file has no BN")
     table = {"deconvnet": DECONVNET_TABLE, "fcn8s": FCN8S_TABLE}.get(kind, ())
     known = {e.layer for e in table} | {e.bn_layer for e in table} if table else {*VGG_CONVS, "fc6", "fc7", "fc8"}
     extra = sorted(set(params) - known)
@@ -305,10 +306,10 @@ def convert(net: CaffeNet, kind: str | None = None, classes: Sequence[str] | Non
     if classes is None:
         if config.num_classes != len(VOC_CLASSES):
             raise ValueError(f"the file has {config.num_classes} classes, not PASCAL VOC's "
-                             f"{len(VOC_CLASSES)}: name them with --classes FILE")
+                             f"{len(VOC_CLASSES)}: name them in `classes`")
         classes = VOC_CLASSES
     if len(classes) != config.num_classes:
-        raise ValueError(f"{len(classes)} class names for a file with {config.num_classes} classes")
+        raise ValueError(f"`classes` has {len(classes)} names for a file with {config.num_classes} classes")
     provenance = {"created_by": "python -m deconvnet convert-caffe", "source": source,
                   "source_format": f"Caffe NetParameter, {net.format}", "source_net_name": net.name,
                   "kind": kind, "input_convention": INPUT_CONVENTION}
