@@ -8,8 +8,10 @@ then 3x3 transposed convs that mirror the encoder's convs. A 1x1 score layer
 gives logits, (N, C, H, W) at the input's size.
 
 Layout follows torchvision's `vgg.py`: the module, a `make_layers` helper, a
-`cfgs` table in which "M" marks a max-pool. Encoder and decoder are both built
-from that one table, so they cannot drift apart.
+`cfgs` table in which "M" marks a max-pool. That table is the one statement of
+the VGG16 layout: the encoder and the mirrored decoder are built from it, and
+the foreign layouts are derived from it (torchvision's `features` indices in
+`deconvnet.weights`, the Caffe layer names in `deconvnet.caffe.convert`).
 """
 
 from __future__ import annotations
@@ -21,10 +23,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# VGG16 ("D" in the VGG paper). Numbers are output channels of 3x3 convs.
-cfgs: dict[str, list[int | str]] = {
-    "D": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+# VGG16 ("D" in the VGG paper): each stage's 3x3 convs as (name, output
+# channels), then "M", the stage's 2x2 max pool. The names are the Caffe releases'.
+cfgs: dict[str, list[tuple[str, int] | str]] = {
+    "D": [("conv1_1", 64), ("conv1_2", 64), "M",
+          ("conv2_1", 128), ("conv2_2", 128), "M",
+          ("conv3_1", 256), ("conv3_2", 256), ("conv3_3", 256), "M",
+          ("conv4_1", 512), ("conv4_2", 512), ("conv4_3", 512), "M",
+          ("conv5_1", 512), ("conv5_2", 512), ("conv5_3", 512), "M"],
 }
+
+
+def vgg_stages(vgg: str = "D") -> list[list[tuple[str, int]]]:
+    """The table's convs by stage, [(name, output channels), ...] each; a 2x2
+    max pool ends every stage."""
+    stages, stage = [], []
+    for v in cfgs[vgg]:
+        if v == "M":
+            stages.append(stage)
+            stage = []
+        else:
+            stage.append(v)
+    assert not stage, f"cfgs[{vgg!r}] must end with a pool"
+    return stages
 
 
 @dataclass(frozen=True)
@@ -43,18 +64,22 @@ class DeconvNetConfig:
     def __post_init__(self):
         """Raise ValueError naming the field (a config.json can say anything)."""
         if self.arch not in ("deconvnet", "fcn8s"):
-            raise ValueError(f"arch must be 'deconvnet' or 'fcn8s', got {self.arch!r}")
+            raise ValueError(f"`arch` must be 'deconvnet' or 'fcn8s', got {self.arch!r}")
         if self.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+            raise ValueError(f"`num_classes` must be >= 1, got {self.num_classes}")
         if not (self.width > 0 and self.fc_dim >= 1 and self.fc_kernel >= 1 and self.in_channels >= 1):
-            raise ValueError(f"width, fc_dim, fc_kernel and in_channels must be positive, got "
+            raise ValueError(f"`width`, `fc_dim`, `fc_kernel` and `in_channels` must be positive, got "
                              f"{self.width}, {self.fc_dim}, {self.fc_kernel}, {self.in_channels}")
         if self.vgg not in cfgs:
-            raise ValueError(f"vgg must be one of {sorted(cfgs)}, got {self.vgg!r}")
+            raise ValueError(f"`vgg` must be one of {sorted(cfgs)}, got {self.vgg!r}")
+
+    def stage_widths(self) -> list[list[int]]:
+        """Each stage's conv widths, scaled by `width` (at least 1 channel)."""
+        return [[max(1, round(c * self.width)) for _, c in stage] for stage in vgg_stages(self.vgg)]
 
     def layer_widths(self) -> list[int | str]:
-        """The VGG table with widths scaled by `width` (at least 1 channel)."""
-        return [v if v == "M" else max(1, round(v * self.width)) for v in cfgs[self.vgg]]
+        """The VGG table as widths, "M" where a pool is, scaled by `width`."""
+        return [v for stage in self.stage_widths() for v in (*stage, "M")]
 
     @classmethod
     def from_dict(cls, d: dict) -> DeconvNetConfig:
@@ -138,10 +163,9 @@ class DeconvNet(nn.Module):
         super().__init__()
         assert config.arch == "deconvnet", f"DeconvNet needs arch='deconvnet', got {config.arch!r}"
         self.config = config
-        widths = config.layer_widths()
+        widths, stages = config.layer_widths(), config.stage_widths()
         self.pool_after = _pool_positions(widths)  # conv indices followed by a pool
-        c5 = [v for v in widths if v != "M"][-1]
-        c1 = widths[0]
+        c1, c5 = stages[0][0], stages[-1][-1]
         bn = config.batch_norm
         self.features = make_layers(widths, config.in_channels, bn)
         self.fc6 = ConvBNReLU(c5, config.fc_dim, config.fc_kernel, 0, bn)
@@ -224,10 +248,9 @@ class FCN8s(nn.Module):
         super().__init__()
         assert config.arch == "fcn8s", f"FCN8s needs arch='fcn8s', got {config.arch!r}"
         self.config = config
-        widths = config.layer_widths()
+        widths, stages = config.layer_widths(), config.stage_widths()
         self.pool_after = _pool_positions(widths)
-        convs = [v for v in widths if v != "M"]
-        c3, c4, c5 = convs[6], convs[9], convs[12]
+        c3, c4, c5 = (stage[-1] for stage in stages[2:])  # pool3, pool4 and pool5's channels
         c, bn = config.num_classes, config.batch_norm
         self.features = make_layers(widths, config.in_channels, bn)
         self.features[0].conv.padding = (100, 100)
@@ -335,5 +358,5 @@ def macs_per_proposal(config: DeconvNetConfig, size: int = 224) -> int:
 
 __all__ = [
     "DeconvNetConfig", "PRESETS", "preset", "DeconvNet", "FCN8s", "build_model",
-    "make_layers", "cfgs", "count_parameters", "macs_per_proposal", "bilinear_kernel",
+    "make_layers", "cfgs", "vgg_stages", "count_parameters", "macs_per_proposal", "bilinear_kernel",
 ]

@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +32,7 @@ from safetensors.torch import load as st_load
 from torch import nn
 
 from . import storage
-from .model import DeconvNetConfig, build_model
+from .model import DeconvNetConfig, build_model, vgg_stages
 from .data.voc import VOC_CLASSES, voc_palette
 
 WEIGHTS_FILE = "model.safetensors"
@@ -59,7 +60,7 @@ class ModelInfo:
 
     def __post_init__(self):
         if len(self.classes) != self.config.num_classes:
-            raise ValueError(f"{len(self.classes)} class names for a {self.config.num_classes}-class model")
+            raise ValueError(f"`classes` has {len(self.classes)} names for a {self.config.num_classes}-class model")
 
     def palette_array(self) -> np.ndarray:
         """(256, 3) uint8: class id k is drawn in colour k."""
@@ -80,10 +81,10 @@ class ModelInfo:
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> ModelInfo:
         if d.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"unsupported model format_version {d.get('format_version')!r}")
+            raise ValueError(f"unsupported model `format_version` {d.get('format_version')!r}")
         norm = d["normalization"]
         if norm.get("channel_order", "RGB") != "RGB":
-            raise ValueError(f"unsupported channel order {norm['channel_order']!r}")
+            raise ValueError(f"unsupported `channel_order` {norm['channel_order']!r}")
         return cls(
             config=DeconvNetConfig.from_dict(d["architecture"]),
             classes=tuple(d["classes"]),
@@ -195,7 +196,7 @@ def read_model_info(uri: str, storage_options: storage.StorageOptions | None = N
     except FileNotFoundError:
         raise FileNotFoundError(
             f"{uri} is not a model directory: no {CONFIG_FILE} "
-            f"(make one with `python -m deconvnet init` or the training job's --export)") from None
+            f"(make one with `python -m deconvnet init`, or with training's `export`)") from None
     try:
         return ModelInfo.from_json(json.loads(raw))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
@@ -256,7 +257,7 @@ def check_model_dir(uri: str, storage_options: storage.StorageOptions | None = N
                          f"its header describes {8 + header_len + end}")
     with torch.device("meta"):  # shapes only: no memory for the weights
         expected = build_model(info.config).state_dict()
-    problems = _diff_state(expected, given)
+    problems = diff_state(expected, given)
     if problems:
         raise ValueError(f"{w_uri} does not match {storage.join(uri, CONFIG_FILE)}: " + "; ".join(problems))
     return info
@@ -265,14 +266,18 @@ def check_model_dir(uri: str, storage_options: storage.StorageOptions | None = N
 def load_exact(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     """`load_state_dict(strict=True)` with an error that names every missing,
     unexpected and mis-shaped tensor."""
-    problems = _diff_state(model.state_dict(), state)
+    problems = diff_state(model.state_dict(), state)
     if problems:
         raise ValueError(f"{source} does not match the model's config: " + "; ".join(problems))
     model.load_state_dict(state, strict=True)
 
 
-def _diff_state(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor],
-                allow_missing: Sequence[str] = ()) -> list[str]:
+def diff_state(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor],
+               allow_missing: Sequence[str] = ()) -> list[str]:
+    """Why `given` does not load into a model whose state dict is `expected`
+    (meta tensors will do): its missing (bar keys ending in one of
+    `allow_missing`), unexpected and mis-shaped tensors, one entry per kind;
+    empty when it fits."""
     missing = [k for k in expected if k not in given and not any(k.endswith(s) for s in allow_missing)]
     unexpected = [k for k in given if k not in expected]
     shapes = [f"{k} {tuple(given[k].shape)} vs {tuple(expected[k].shape)}"
@@ -289,9 +294,28 @@ def _diff_state(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.
 
 # --- VGG16 ImageNet weights -------------------------------------------------
 
-# Indices of the 13 convs in torchvision's `features` Sequential.
-_VGG16_CONVS = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
-_VGG16_BN_CONVS = (0, 3, 7, 10, 14, 17, 20, 24, 27, 30, 34, 37, 40)
+def torchvision_conv_indices(batch_norm: bool, vgg: str = "D") -> tuple[int, ...]:
+    """Where `model.cfgs`' convs sit in torchvision's `features` Sequential:
+    each conv is followed by a ReLU (a BatchNorm2d and a ReLU in `vgg16_bn`),
+    each "M" is one MaxPool2d. (0, 2, 5, 7, ...) for vgg16, (0, 3, 7, 10, ...) for vgg16_bn."""
+    out, i = [], 0
+    for stage in vgg_stages(vgg):
+        for _ in stage:
+            out.append(i)
+            i += 3 if batch_norm else 2
+        i += 1  # the pool
+    return tuple(out)
+
+
+def fc6_kernel(inputs: int, channels: int) -> int:
+    """The side k of fc6's kernel when VGG's Linear fc6 takes `inputs` values,
+    pool5's `channels` x k x k (k = 7 at a 224x224 input); ValueError if they do not factor so."""
+    k = math.isqrt(inputs // max(channels, 1))
+    if channels < 1 or k * k * channels != inputs:
+        raise ValueError(f"fc6's {inputs} inputs are not pool5's {channels} channels x k x k")
+    return k
+
+
 _BN_KEYS = ("weight", "bias", "running_mean", "running_var")
 
 
@@ -303,7 +327,7 @@ def vgg16_to_deconvnet(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     `_convert_vgg` does. classifier.6 (the 1000 ImageNet classes) is dropped.
     """
     bn = "features.1.running_mean" in state
-    convs = _VGG16_BN_CONVS if bn else _VGG16_CONVS
+    convs = torchvision_conv_indices(bn)
     if f"features.{convs[0]}.weight" not in state:
         raise ValueError("not a torchvision vgg16/vgg16_bn state dict: no 'features.0.weight'; "
                          f"first keys are {list(state)[:5]}")
@@ -316,11 +340,12 @@ def vgg16_to_deconvnet(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
             for p in _BN_KEYS:
                 if f"features.{src + 1}.{p}" in state:
                     out[f"features.{i}.bn.{p}"] = state[f"features.{src + 1}.{p}"]
+    last = f"features.{len(convs) - 1}.conv.weight"
+    c5 = out[last].shape[0] if last in out else vgg_stages()[-1][-1][1]
     for src, dst in (("classifier.0", "fc6"), ("classifier.3", "fc7")):
         if f"{src}.weight" in state:
             w = state[f"{src}.weight"]  # (out, in) Linear
-            c5 = out["features.12.conv.weight"].shape[0] if "features.12.conv.weight" in out else 512
-            k = int(round((w.shape[1] // c5) ** 0.5)) if dst == "fc6" else 1
+            k = fc6_kernel(w.shape[1], c5) if dst == "fc6" else 1
             out[f"{dst}.conv.weight"] = w.reshape(w.shape[0], -1, k, k)
             out[f"{dst}.conv.bias"] = state[f"{src}.bias"]
     return out
@@ -365,7 +390,7 @@ def init_from_vgg16(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list
     # BN statistics are only expected when the VGG file had BN (vgg16_bn).
     has_bn = any(".bn." in k for k in converted)
     optional = () if has_bn else tuple(f".bn.{p}" for p in (*_BN_KEYS, "num_batches_tracked"))
-    problems = _diff_state(wanted, converted, allow_missing=(*optional, "num_batches_tracked"))
+    problems = diff_state(wanted, converted, allow_missing=(*optional, "num_batches_tracked"))
     if problems:
         raise ValueError("VGG16 weights do not fit this model: " + "; ".join(problems))
     model.load_state_dict(converted, strict=False)

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from safetensors.torch import save as st_save
 
 import caffenets
+import caffewriter
+from torchvgg import torchvision_vgg16_state
 from deconvnet.caffe import convert as caffe
 from deconvnet.caffe import proto as caffeproto
 from deconvnet.__main__ import main
@@ -44,7 +46,7 @@ def _random_state(model: torch.nn.Module, seed: int) -> dict[str, np.ndarray]:
 
 def _write(tmp_path, layers, name="net", fmt="v1", file="w.caffemodel"):
     path = tmp_path / file
-    path.write_bytes(caffeproto.encode_caffemodel(layers, name, fmt))
+    path.write_bytes(caffewriter.encode_caffemodel(layers, name, fmt))
     return path
 
 
@@ -143,7 +145,7 @@ def _double(model):
 def tiny_params():
     """A tiny DeconvNet's weights as the release's blobs (BN folded)."""
     cfg = preset("tiny", num_classes=5)
-    return caffe.deconvnet_to_caffe(_random_state(DeconvNet(cfg), 0))
+    return caffenets.deconvnet_to_caffe(_random_state(DeconvNet(cfg), 0))
 
 
 # --- DeconvNet ---------------------------------------------------------------
@@ -225,7 +227,7 @@ def test_new_layer_format_with_shape_blobs(tmp_path, tiny_params):
     src = _write(tmp_path, caffenets.deconvnet_layers(new_style), fmt="layer")  # biases (C,), as newer Caffe
     net = caffeproto.read_caffemodel(str(src))
     assert net.format == "layer (field 100)" and net.params()["conv1_1"][1].shape == (8,)
-    with pytest.raises(ValueError, match="--bn-mode"):
+    with pytest.raises(ValueError, match="`bn_mode`"):
         caffe.convert(net, classes=CLASSES)
     caffe.convert_caffemodel(str(src), str(tmp_path / "m"), classes=CLASSES, bn_mode="inference")
     model, info = load_model_dir(str(tmp_path / "m"))
@@ -236,15 +238,32 @@ def test_new_layer_format_with_shape_blobs(tmp_path, tiny_params):
                                    caffe_deconvnet_forward(tiny_params, _caffe_input(rgb)), rtol=1e-4, atol=1e-4)
 
 
+def test_layer_names_are_the_releases():
+    """Derived from model.cfgs; written out here as the prototxts spell them."""
+    assert caffe.VGG_CONVS == ("conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3",
+                               "conv4_1", "conv4_2", "conv4_3", "conv5_1", "conv5_2", "conv5_3")
+    assert caffe.DECONVS == ("deconv5_1", "deconv5_2", "deconv5_3", "deconv4_1", "deconv4_2", "deconv4_3",
+                             "deconv3_1", "deconv3_2", "deconv3_3", "deconv2_1", "deconv2_2", "deconv1_1",
+                             "deconv1_2")
+    bns = [e.bn_layer for e in caffe.DECONVNET_TABLE]
+    assert bns[:2] == ["bn1_1", "bn1_2"] and bns[13:18] == ["bnfc6", "bnfc7", "fc6-deconv-bn", "debn5_1", "debn5_2"]
+    pools = [la for la in caffenets.deconvnet_layers(caffenets.deconvnet_to_caffe(
+        _random_state(DeconvNet(preset("tiny")), 0))) if la.type in ("POOLING", "UNPOOLING")]
+    assert [(la.name, la.bottoms[0]) for la in pools] == [
+        ("pool1", "conv1_2"), ("pool2", "conv2_2"), ("pool3", "conv3_3"), ("pool4", "conv4_3"), ("pool5", "conv5_3"),
+        ("unpool5", "fc6-deconv"), ("unpool4", "deconv5_3"), ("unpool3", "deconv4_3"), ("unpool2", "deconv3_3"),
+        ("unpool1", "deconv2_2")]
+
+
 def test_mapping_round_trips_and_reads_the_width_from_the_blobs():
     cfg = preset("tiny", num_classes=7, width=0.25, fc_dim=32)
     sd = _random_state(DeconvNet(cfg), 5)
-    back = caffe.deconvnet_from_caffe(caffe.deconvnet_to_caffe(sd, "learn"), "learn")
+    back = caffe.deconvnet_from_caffe(caffenets.deconvnet_to_caffe(sd, "learn"), "learn")
     for k in sd:
         if not k.endswith(("running_mean", "running_var")):
             assert np.array_equal(back[k], sd[k]), k
-    layers = caffenets.deconvnet_layers(caffe.deconvnet_to_caffe(sd), bn_mode="INFERENCE")
-    net = caffeproto.parse_caffemodel(caffeproto.encode_caffemodel(layers))
+    layers = caffenets.deconvnet_layers(caffenets.deconvnet_to_caffe(sd), bn_mode="INFERENCE")
+    net = caffeproto.parse_caffemodel(caffewriter.encode_caffemodel(layers))
     assert caffe.convert(net, classes=[str(i) for i in range(7)]).info.config == cfg
 
 
@@ -253,7 +272,7 @@ def test_mapping_round_trips_and_reads_the_width_from_the_blobs():
 @pytest.mark.parametrize("fmt", ["v1", "layer"])
 def test_fcn8s_gives_the_caffe_logits(tmp_path, fmt):
     cfg = preset("fcn8s-tiny", num_classes=5)
-    params = caffe.fcn8s_to_caffe(_random_state(FCN8s(cfg), 2))
+    params = caffenets.fcn8s_to_caffe(_random_state(FCN8s(cfg), 2))
     assert params["score2"][1].any() and len(params["score4"]) == len(params["upsample"]) == 1
     src = _write(tmp_path, caffenets.fcn8s_layers(params), name="FCN", fmt=fmt)
     done = caffe.convert_caffemodel(str(src), str(tmp_path / "m"), classes=CLASSES)
@@ -269,28 +288,10 @@ def test_fcn8s_gives_the_caffe_logits(tmp_path, fmt):
 
 # --- VGG16 -------------------------------------------------------------------
 
-def _torchvision_vgg16(width, fc_dim, seed=4):
-    g = torch.Generator().manual_seed(seed)
-    sd, cin, i = {}, 3, 0
-    for v in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"):
-        if v == "M":
-            i += 1
-            continue
-        v = round(v * width)
-        sd[f"features.{i}.weight"] = torch.randn(v, cin, 3, 3, generator=g)
-        sd[f"features.{i}.bias"] = torch.randn(v, generator=g)
-        cin, i = v, i + 2
-    sd["classifier.0.weight"] = torch.randn(fc_dim, cin * 49, generator=g)
-    sd["classifier.0.bias"] = torch.randn(fc_dim, generator=g)
-    sd["classifier.3.weight"] = torch.randn(fc_dim, fc_dim, generator=g)
-    sd["classifier.3.bias"] = torch.randn(fc_dim, generator=g)
-    return sd
-
-
 @pytest.mark.parametrize("fc", ["inner_product", "conv"])  # VGG_ILSVRC_16_layers / _conv
 def test_vgg16_lands_where_init_vgg16_puts_it(tmp_path, fc):
-    tv = _torchvision_vgg16(0.125, 64)
-    params = caffe.vgg16_to_caffe({k: v.numpy() for k, v in tv.items()}, fc=fc)
+    tv = torchvision_vgg16_state(0.125, 64, batch_norm=False)
+    params = caffenets.vgg16_to_caffe({k: v.numpy() for k, v in tv.items()}, fc=fc)
     params["fc8"] = [np.ones((1, 1, 10, 64), np.float32), np.zeros((1, 1, 1, 10), np.float32)]
     layers = caffenets.vgg16_layers(params)
     assert [la.type for la in layers if la.name == "fc6"] == ["INNER_PRODUCT" if fc == "inner_product" else "CONVOLUTION"]
@@ -317,7 +318,7 @@ def _classes_file(tmp_path):
 
 
 def _bad_files(params):
-    good = caffeproto.encode_caffemodel(caffenets.deconvnet_layers(params))
+    good = caffewriter.encode_caffemodel(caffenets.deconvnet_layers(params))
     missing = [la for la in caffenets.deconvnet_layers(params) if la.name != "deconv3_2"]
     wrong = {**params, "deconv3_2": [np.zeros((32, 16, 3, 3), np.float32), params["deconv3_2"][1]]}
     return {
@@ -325,8 +326,8 @@ def _bad_files(params):
         "truncated-end": (good[:-3], "truncated or not a Caffe model"),
         "garbage": (np.random.default_rng(0).bytes(5000), "not a Caffe model"),
         "empty": (b"", "empty file"),
-        "missing-layer": (caffeproto.encode_caffemodel(missing), "missing layer 'deconv3_2'"),
-        "wrong-shape": (caffeproto.encode_caffemodel(caffenets.deconvnet_layers(wrong)), r"deconv3_2 \(32, 16, 3, 3\)"),
+        "missing-layer": (caffewriter.encode_caffemodel(missing), "missing layer 'deconv3_2'"),
+        "wrong-shape": (caffewriter.encode_caffemodel(caffenets.deconvnet_layers(wrong)), r"deconv3_2 \(32, 16, 3, 3\)"),
     }
 
 

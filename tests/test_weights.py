@@ -6,38 +6,14 @@ import sys
 
 import pytest
 import torch
-from torch import nn
+from torchvgg import torchvision_vgg16_state
 
 from deconvnet import storage
-from deconvnet.model import PRESETS, DeconvNet, FCN8s, cfgs, preset
+from deconvnet.model import PRESETS, DeconvNet, FCN8s, preset
 from deconvnet.weights import (
     ModelInfo, check_model_dir, init_from_vgg16, load_model_dir, read_model_info, read_state_dict,
-    save_model_dir, vgg16_to_deconvnet,
+    save_model_dir, torchvision_conv_indices, vgg16_to_deconvnet,
 )
-
-
-def torchvision_vgg16_state(width: float, fc_dim: int, batch_norm: bool) -> dict:
-    """A state dict with torchvision's vgg16/vgg16_bn layout, built the way
-    torchvision builds the module (features Sequential, classifier Linear)."""
-    layers, cin = [], 3
-    for v in cfgs["D"]:
-        if v == "M":
-            layers.append(nn.MaxPool2d(2, 2))
-        else:
-            v = round(v * width)
-            layers += [nn.Conv2d(cin, v, 3, padding=1)] + ([nn.BatchNorm2d(v)] if batch_norm else []) + [nn.ReLU()]
-            cin = v
-    features = nn.Sequential(*layers)
-    classifier = nn.Sequential(nn.Linear(cin * 49, fc_dim), nn.ReLU(), nn.Dropout(),
-                               nn.Linear(fc_dim, fc_dim), nn.ReLU(), nn.Dropout(), nn.Linear(fc_dim, 1000))
-    vgg = nn.Module()
-    vgg.features, vgg.classifier = features, classifier
-    for m in vgg.modules():  # non-trivial BN statistics
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_()
-            m.running_var.uniform_(0.5, 2)
-            m.weight.data.normal_()
-    return vgg.state_dict()
 
 
 @pytest.mark.parametrize("batch_norm", [False, True])
@@ -48,6 +24,7 @@ def test_vgg16_weights_land_in_encoder_and_fc(batch_norm):
     init_from_vgg16(model, sd)
     src_convs = [k[:-len(".weight")] for k, v in sd.items() if k.startswith("features.") and v.ndim == 4]
     assert len(src_convs) == 13
+    assert tuple(int(k.split(".")[1]) for k in src_convs) == torchvision_conv_indices(batch_norm)
     for i, src in enumerate(src_convs):
         assert torch.equal(model.features[i].conv.weight, sd[f"{src}.weight"])
         assert torch.equal(model.features[i].conv.bias, sd[f"{src}.bias"])

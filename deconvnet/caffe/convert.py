@@ -2,14 +2,13 @@
 
     python -m deconvnet convert-caffe DeconvNet_trainval_inference.caffemodel --out models/deconvnet-voc
 
-A `.caffemodel` is a protobuf `NetParameter`, read and written by
-`deconvnet.caffe.proto` (no Caffe, no generated protobuf code, no pickle).
+A `.caffemodel` is a protobuf `NetParameter`, read by `deconvnet.caffe.proto`
+(no Caffe, no generated protobuf code, no pickle).
 
 One pure function per foreign layout maps Caffe blobs to a state dict (the way
 timm's `_convert_vgg` does): `deconvnet_from_caffe`, `fcn8s_from_caffe`,
-`vgg16_from_caffe` (to torchvision's layout, then `weights.init_from_vgg16`),
-each with its inverse for writing. `encode_caffemodel` writes the format back
-(V1 with the fork's types, or `layer`), for tests, the benchmark and exports.
+`vgg16_from_caffe` (to torchvision's layout, then `weights.init_from_vgg16`).
+Their layer tables are derived from `model.cfgs`, the one VGG16 layout.
 
 Input convention: Caffe nets take BGR, 0-255, minus the mean B, G, R =
 104.00698793, 116.66876762, 122.67891434 (inference/util/preprocess_image_bb.m in
@@ -22,7 +21,6 @@ what it was trained on.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -31,9 +29,10 @@ import torch
 
 from .. import storage
 from .proto import CaffeNet, read_caffemodel
-from ..model import DeconvNetConfig, build_model
+from ..model import DeconvNetConfig, build_model, vgg_stages
 from ..data.voc import VOC_CLASSES
-from ..weights import ModelInfo, _diff_state, init_from_vgg16, write_model_dir
+from ..weights import (ModelInfo, diff_state, fc6_kernel, init_from_vgg16, torchvision_conv_indices,
+                       write_model_dir)
 
 # The release's Caffe mean, B, G, R (inference/util/preprocess_image_bb.m).
 CAFFE_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
@@ -48,10 +47,11 @@ BN_MODES = ("inference", "learn")
 
 # --- layer tables: the release's names and ours -----------------------------
 
-VGG_CONVS = ("conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3",
-             "conv4_1", "conv4_2", "conv4_3", "conv5_1", "conv5_2", "conv5_3")
-DECONVS = ("deconv5_1", "deconv5_2", "deconv5_3", "deconv4_1", "deconv4_2", "deconv4_3",
-           "deconv3_1", "deconv3_2", "deconv3_3", "deconv2_1", "deconv2_2", "deconv1_1", "deconv1_2")
+STAGES = tuple(tuple(name for name, _ in stage) for stage in vgg_stages())  # ("conv1_1", "conv1_2"), ...
+VGG_CONVS = tuple(name for stage in STAGES for name in stage)  # our features.0 .. 12
+# The decoder walks the stages backwards, each stage's convs mirrored: decoder.0
+# mirrors conv5_3 and is called deconv5_1, decoder.12 mirrors conv1_1 (deconv1_2).
+DECONVS = tuple(f"de{name}" for stage in reversed(STAGES) for name in stage)
 
 
 @dataclass(frozen=True)
@@ -67,11 +67,13 @@ class TableEntry:
 # conv/deconv is followed by BN (bn1_1.., bnfc6, bnfc7, fc6-deconv-bn, debn5_1..)
 # and ReLU; the decoder's deconvs run deconv5_1 .. deconv1_2, ours decoder.0 .. 12.
 DECONVNET_TABLE = (
-    *(TableEntry(c, f"features.{i}.conv", True, f"bn{c[4:]}", f"features.{i}.bn") for i, c in enumerate(VGG_CONVS)),
+    *(TableEntry(c, f"features.{i}.conv", True, f"bn{c.removeprefix('conv')}", f"features.{i}.bn")
+      for i, c in enumerate(VGG_CONVS)),
     TableEntry("fc6", "fc6.conv", True, "bnfc6", "fc6.bn"),
     TableEntry("fc7", "fc7.conv", True, "bnfc7", "fc7.bn"),
     TableEntry("fc6-deconv", "deconv_fc6.conv", True, "fc6-deconv-bn", "deconv_fc6.bn"),
-    *(TableEntry(d, f"decoder.{j}.conv", True, f"debn{d[6:]}", f"decoder.{j}.bn") for j, d in enumerate(DECONVS)),
+    *(TableEntry(d, f"decoder.{j}.conv", True, f"debn{d.removeprefix('deconv')}", f"decoder.{j}.bn")
+      for j, d in enumerate(DECONVS)),
     TableEntry("seg-score-voc", "score"),
 )
 # model/FCN/fcn-8s-pascal-deploy.prototxt: score2 (4/2 deconv) has a bias,
@@ -83,8 +85,6 @@ FCN8S_TABLE = (
     TableEntry("score4", "upscore_pool4", bias=False), TableEntry("score-pool3", "score_pool3"),
     TableEntry("upsample", "upscore8", bias=False),
 )
-# torchvision's vgg16 `features` indices of the 13 convs (weights._VGG16_CONVS).
-_TV_CONVS = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
 
 
 def _blobs(params: Mapping[str, Sequence[np.ndarray]], name: str, n: int) -> Sequence[np.ndarray]:
@@ -133,29 +133,13 @@ def _bn_state(prefix: str, scale: np.ndarray, shift: np.ndarray, bn_mode: str | 
     bias = shift, mean 0 and var 1 - eps, which makes sqrt(var + eps) exactly 1.
     "learn": the blobs are gamma/beta of a training snapshot, with no statistics."""
     if bn_mode not in BN_MODES:
-        raise ValueError(f"BN mode must be one of {BN_MODES}, got {bn_mode!r}")
+        raise ValueError(f"`bn_mode` must be one of {BN_MODES}, got {bn_mode!r}")
     c = scale.size
     var = np.float32(1 - eps) if bn_mode == "inference" else np.float32(1)
     return {f"{prefix}.weight": scale, f"{prefix}.bias": shift,
             f"{prefix}.running_mean": np.zeros(c, np.float32),
             f"{prefix}.running_var": np.full(c, var, np.float32),
             f"{prefix}.num_batches_tracked": np.zeros((), np.int64)}
-
-
-def _to_table(state: Mapping[str, np.ndarray], table: Sequence[TableEntry], bn_mode: str,
-              eps: float = BN_EPS) -> dict[str, list[np.ndarray]]:
-    out: dict[str, list[np.ndarray]] = {}
-    for e in table:
-        w = np.asarray(state[f"{e.prefix}.weight"], np.float32)
-        out[e.layer] = [w] + ([np.asarray(state[f"{e.prefix}.bias"], np.float32).reshape(1, 1, 1, -1)]
-                              if e.bias else [])
-        if e.bn_layer:
-            g, b, m, v = (np.asarray(state[f"{e.bn_prefix}.{k}"], np.float64)
-                          for k in ("weight", "bias", "running_mean", "running_var"))
-            if bn_mode == "inference":  # fold, as BN_make_INFERENCE_script.py does
-                g, b = g / np.sqrt(v + eps), b - g * m / np.sqrt(v + eps)
-            out[e.bn_layer] = [x.astype(np.float32).reshape(1, -1, 1, 1) for x in (g, b)]
-    return out
 
 
 def deconvnet_from_caffe(params: Mapping[str, Sequence[np.ndarray]], bn_mode: str,
@@ -167,20 +151,9 @@ def deconvnet_from_caffe(params: Mapping[str, Sequence[np.ndarray]], bn_mode: st
     return _from_table(params, DECONVNET_TABLE, bn_mode, eps)
 
 
-def deconvnet_to_caffe(state: Mapping[str, np.ndarray], bn_mode: str = "inference",
-                       eps: float = BN_EPS) -> dict[str, list[np.ndarray]]:
-    """The inverse: our state dict -> the release's blobs; "inference" folds BN's
-    statistics into scale/shift, "learn" writes gamma/beta as a snapshot holds them."""
-    return _to_table(state, DECONVNET_TABLE, bn_mode, eps)
-
-
 def fcn8s_from_caffe(params: Mapping[str, Sequence[np.ndarray]]) -> dict[str, np.ndarray]:
     """The FCN authors' fcn-8s-pascal blobs -> our FCN8s state dict."""
     return _from_table(params, FCN8S_TABLE, None)
-
-
-def fcn8s_to_caffe(state: Mapping[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
-    return _to_table(state, FCN8S_TABLE, "inference")
 
 
 def _matrix(a: np.ndarray, name: str) -> np.ndarray:
@@ -199,9 +172,9 @@ def vgg16_from_caffe(params: Mapping[str, Sequence[np.ndarray]]) -> dict[str, np
     """VGG_ILSVRC_16_layers[_conv].caffemodel blobs -> torchvision's vgg16 layout
     (features.N, classifier.0/3), which `weights.vgg16_to_deconvnet` takes. fc6/fc7
     may be InnerProduct (the ImageNet release) or convs (the DeconvNet release's
-    VGG_conv); fc8 (the 1000 ImageNet classes) is dropped, as `init --vgg16` does."""
+    VGG_conv); fc8 (the 1000 ImageNet classes) is dropped, as `init_from_vgg16` does."""
     out: dict[str, np.ndarray] = {}
-    for i, name in zip(_TV_CONVS, VGG_CONVS):
+    for i, name in zip(torchvision_conv_indices(batch_norm=False), VGG_CONVS):
         w, b = _blobs(params, name, 2)
         out[f"features.{i}.weight"] = _weight4(w, name)
         out[f"features.{i}.bias"] = _vector(b, name)
@@ -209,21 +182,6 @@ def vgg16_from_caffe(params: Mapping[str, Sequence[np.ndarray]]) -> dict[str, np
         w, b = _blobs(params, name, 2)
         out[f"{key}.weight"] = _matrix(w, name)
         out[f"{key}.bias"] = _vector(b, name)
-    return out
-
-
-def vgg16_to_caffe(state: Mapping[str, np.ndarray], fc: str = "inner_product",
-                   fc_kernel: int = 7) -> dict[str, list[np.ndarray]]:
-    """The inverse, from torchvision's vgg16 layout; `fc` "inner_product" writes
-    fc6/fc7 as (1, 1, out, in) blobs, "conv" as (out, c, k, k) convs."""
-    out: dict[str, list[np.ndarray]] = {}
-    for i, name in zip(_TV_CONVS, VGG_CONVS):
-        out[name] = [np.asarray(state[f"features.{i}.weight"], np.float32),
-                     np.asarray(state[f"features.{i}.bias"], np.float32).reshape(1, 1, 1, -1)]
-    for name, key, k in (("fc6", "classifier.0", fc_kernel), ("fc7", "classifier.3", 1)):
-        w = np.asarray(state[f"{key}.weight"], np.float32)
-        w = w.reshape(1, 1, *w.shape) if fc == "inner_product" else w.reshape(w.shape[0], -1, k, k)
-        out[name] = [w, np.asarray(state[f"{key}.bias"], np.float32).reshape(1, 1, 1, -1)]
     return out
 
 
@@ -236,10 +194,11 @@ def detect_kind(net: CaffeNet) -> str:
         return "deconvnet"
     if names & {"score-fr", "score2", "score4", "upsample"}:
         return "fcn8s"
-    if {"conv1_1", "fc6", "fc7"} <= names:
+    if {VGG_CONVS[0], "fc6", "fc7"} <= names:
         return "vgg16"
     shown = ", ".join(sorted(names)[:8])
-    raise ValueError(f"cannot tell DeconvNet, FCN-8s or VGG16 from its layer names ({shown}, ...); pass --kind")
+    raise ValueError(f"cannot tell DeconvNet, FCN-8s or VGG16 from its layer names ({shown}, ...); "
+                     f"set `kind` to one of {', '.join(KINDS)}")
 
 
 def detect_bn_mode(net: CaffeNet) -> str | None:
@@ -276,17 +235,19 @@ class Converted:
 
 
 def _config_from(kind: str, params: Mapping[str, Sequence[np.ndarray]], num_classes: int | None) -> DeconvNetConfig:
-    w1 = _weight4(_blobs(params, "conv1_1", 2)[0], "conv1_1")
+    first, last = VGG_CONVS[0], VGG_CONVS[-1]
+    w1 = _weight4(_blobs(params, first, 2)[0], first)
     if w1.shape[1] != 3:
-        raise ValueError(f"layer 'conv1_1' takes {w1.shape[1]} input channels, expected 3 (BGR)")
+        raise ValueError(f"layer {first!r} takes {w1.shape[1]} input channels, expected 3 (BGR)")
     c1 = w1.shape[0]
     fc6 = _blobs(params, "fc6", 2)[0]
     if kind == "vgg16":
-        c5 = _weight4(_blobs(params, "conv5_3", 2)[0], "conv5_3").shape[0]
+        c5 = _weight4(_blobs(params, last, 2)[0], last).shape[0]
         m = _matrix(fc6, "fc6")
-        fc_dim, k = m.shape[0], math.isqrt(m.shape[1] // max(c5, 1))
-        if k * k * c5 != m.shape[1]:
-            raise ValueError(f"layer 'fc6': {m.shape[1]} inputs is not conv5_3's {c5} channels x k x k")
+        try:
+            fc_dim, k = m.shape[0], fc6_kernel(m.shape[1], c5)
+        except ValueError as e:
+            raise ValueError(f"layer 'fc6': {e}") from None
     else:
         fc6 = _weight4(fc6, "fc6")
         fc_dim, k = fc6.shape[0], fc6.shape[2]
@@ -302,7 +263,7 @@ def _check_shapes(state: Mapping[str, np.ndarray], config: DeconvNetConfig, tabl
     with torch.device("meta"):
         expected = build_model(config).state_dict()
     given = {k: torch.empty(tuple(v.shape), device="meta") for k, v in state.items()}
-    problems = _diff_state(expected, given)
+    problems = diff_state(expected, given)
     if problems:
         owner = {}
         for e in table:
@@ -312,7 +273,7 @@ def _check_shapes(state: Mapping[str, np.ndarray], config: DeconvNetConfig, tabl
         bad = [f"{owner.get(k.rsplit('.', 1)[0], k)} {tuple(given[k].shape)}, expected {tuple(expected[k].shape)}"
                for k in given if k in expected and given[k].shape != expected[k].shape]
         detail = "; ".join(bad) if bad else "; ".join(problems)
-        raise ValueError(f"blob shapes do not fit one DeconvNetConfig (width {config.width:g} from conv1_1, "
+        raise ValueError(f"blob shapes do not fit one DeconvNetConfig (`width` {config.width:g} from {VGG_CONVS[0]}, "
                          f"fc {config.fc_dim}, {config.num_classes} classes): {detail}")
 
 
@@ -326,16 +287,16 @@ def convert(net: CaffeNet, kind: str | None = None, classes: Sequence[str] | Non
     whose decoder is initialised as `init` does (seeded), for training."""
     kind = kind or detect_kind(net)
     if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        raise ValueError(f"`kind` must be one of {KINDS}, got {kind!r}")
     params = net.params()
     found_bn = detect_bn_mode(net)
     if kind == "deconvnet":
         bn_mode = bn_mode or found_bn
         if bn_mode is None:
             raise ValueError("cannot tell from the file whether BN holds folded inference scale/shift or "
-                             "training gamma/beta; pass --bn-mode inference or --bn-mode learn")
+                             "training gamma/beta; set `bn_mode` to 'inference' or 'learn'")
     elif bn_mode is not None:
-        raise ValueError(f"--bn-mode is for DeconvNet files; a {kind} file has no BN")
+        raise ValueError(f"`bn_mode` is for DeconvNet files; a {kind} file has no BN")
     table = {"deconvnet": DECONVNET_TABLE, "fcn8s": FCN8S_TABLE}.get(kind, ())
     known = {e.layer for e in table} | {e.bn_layer for e in table} if table else {*VGG_CONVS, "fc6", "fc7", "fc8"}
     extra = sorted(set(params) - known)
@@ -345,10 +306,10 @@ def convert(net: CaffeNet, kind: str | None = None, classes: Sequence[str] | Non
     if classes is None:
         if config.num_classes != len(VOC_CLASSES):
             raise ValueError(f"the file has {config.num_classes} classes, not PASCAL VOC's "
-                             f"{len(VOC_CLASSES)}: name them with --classes FILE")
+                             f"{len(VOC_CLASSES)}: name them in `classes`")
         classes = VOC_CLASSES
     if len(classes) != config.num_classes:
-        raise ValueError(f"{len(classes)} class names for a file with {config.num_classes} classes")
+        raise ValueError(f"`classes` has {len(classes)} names for a file with {config.num_classes} classes")
     provenance = {"created_by": "python -m deconvnet convert-caffe", "source": source,
                   "source_format": f"Caffe NetParameter, {net.format}", "source_net_name": net.name,
                   "kind": kind, "input_convention": INPUT_CONVENTION}
@@ -395,7 +356,6 @@ def convert_caffemodel(uri: str, out: str, kind: str | None = None, classes: Seq
 
 
 __all__ = [
-    "deconvnet_from_caffe", "deconvnet_to_caffe", "fcn8s_from_caffe", "fcn8s_to_caffe", "vgg16_from_caffe",
-    "vgg16_to_caffe", "detect_kind", "detect_bn_mode",
+    "deconvnet_from_caffe", "fcn8s_from_caffe", "vgg16_from_caffe", "detect_kind", "detect_bn_mode",
     "convert", "convert_caffemodel", "Converted", "CAFFE_MEAN_BGR", "CAFFE_MEAN_RGB01", "CAFFE_STD01",
 ]
