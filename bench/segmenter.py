@@ -21,8 +21,10 @@ import torch
 
 import record  # bench/record.py: this script's folder is on sys.path
 from deconvnet.model import build_model, preset
-from deconvnet.inference.proposals import ProposalConfig, propose
-from deconvnet.inference.segmenter import Segmenter, SegmenterConfig
+from deconvnet.inference import for_mode
+from deconvnet.inference.modes import setting
+from deconvnet.inference.proposals import propose
+from deconvnet.inference.segmenter import AGGREGATES, Segmenter
 from deconvnet.data.synthetic import sample
 from deconvnet.weights import ModelInfo
 
@@ -31,19 +33,19 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tiny")
     p.add_argument("--images", type=int, default=4)
-    p.add_argument("--max-proposals", type=int, default=50)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--aggregate", default="max", choices=["max", "mean"])
+    p.add_argument("--max-proposals", type=int, default=setting("max_proposals"))
+    p.add_argument("--batch-size", type=int, default=setting("batch_size"))
+    p.add_argument("--aggregate", default=setting("aggregate"), choices=AGGREGATES)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=record.default_path("segmenter"))
     a = p.parse_args(argv)
     cfg = preset(a.preset)
-    seg = Segmenter(build_model(cfg), ModelInfo(config=cfg),
-                    SegmenterConfig(batch_size=a.batch_size, aggregate=a.aggregate), a.device)
+    inference = for_mode(max_proposals=a.max_proposals, batch_size=a.batch_size, aggregate=a.aggregate)
+    seg = Segmenter(build_model(cfg), ModelInfo(config=cfg), inference.segmenter, a.device)
     rng = np.random.default_rng(0)
     images = [sample(rng, 375, 500).image for _ in range(a.images)]
-    pc = ProposalConfig(max_proposals=a.max_proposals)
+    pc = inference.proposals
     t0 = time.perf_counter()
     boxes = [propose(im, pc) for im in images]
     propose_ms = (time.perf_counter() - t0) * 1e3 / a.images
