@@ -78,10 +78,10 @@ def main(argv=None) -> dict:
            "propose_ms_per_image": round(propose_ms, 1),
            "segment_ms_per_image": round(statistics.median(times) * 1e3 / a.images, 1),
            "forward_only_ms_per_image": round(statistics.median(fwd) * 1e3 / a.images, 1)}
-    setting = f"{a.preset} on {rec['device']} ({rec['threads']} threads), {n_props / a.images:.0f} proposals/image"
+    summary = f"{a.preset} on {rec['device']} ({rec['threads']} threads), {n_props / a.images:.0f} proposals/image"
     times_ms = (f"propose {rec['propose_ms_per_image']} ms, segment {rec['segment_ms_per_image']} ms/image "
                 f"(forward alone {rec['forward_only_ms_per_image']} ms)")
-    return record.report(a.out, rec, f"{setting}, batch {a.batch_size}: {times_ms}")
+    return record.report(a.out, rec, f"{summary}, batch {a.batch_size}: {times_ms}")
 
 
 if __name__ == "__main__":
