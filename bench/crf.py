@@ -31,7 +31,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from deconvnet.inference.crf import CRF_PRESETS, CRFConfig, dense_crf
-from deconvnet.inference import INFERENCE_MODES, inference_configs
+from deconvnet.inference import INFERENCE_MODES, for_mode
 
 NUM_CLASSES = 21  # PASCAL VOC
 BACKGROUND, CAR, DOG, PERSON = 0, 7, 12, 15
@@ -129,7 +129,7 @@ def timed(repeats: int, fn, *args):
 
 def crf_settings(**overrides) -> dict[str, CRFConfig]:
     """Every CRF preset as each inference mode runs it ('paper/original', ...)."""
-    return {f"{name}/{mode}": inference_configs(mode, crf=name, **overrides).crf
+    return {f"{name}/{mode}": for_mode(mode, crf=name, **overrides).crf
             for name in CRF_PRESETS for mode in INFERENCE_MODES}
 
 

@@ -22,13 +22,14 @@ import numpy as np
 
 import record  # bench/record.py: this script's folder is on sys.path
 from deconvnet import storage
-from deconvnet.inference.crf import dense_crf
+from deconvnet.inference.crf import label_map
 from deconvnet.data.imageio import decode_image
-from deconvnet.inference import INFERENCE_MODES, inference_configs
+from deconvnet.inference import INFERENCE_MODES, for_mode
+from deconvnet.inference.modes import setting
 from deconvnet.metrics import ConfusionMatrix
 from deconvnet.inference.proposals import propose
 from deconvnet.records import now_iso
-from deconvnet.inference.segmenter import Segmenter, labels_and_confidence
+from deconvnet.inference.segmenter import Segmenter
 from deconvnet.data.synthetic import sample
 from deconvnet.weights import load_model_dir
 
@@ -36,9 +37,7 @@ from deconvnet.weights import load_model_dir
 def labels(seg_by_mode: dict, image: np.ndarray, mode: str, crf: str) -> np.ndarray:
     seg, cfg = seg_by_mode[(mode, crf)]
     probs = seg.probabilities([image], [propose(image, cfg.proposals)])[0]  # (C, H, W)
-    if cfg.crf is None:
-        return labels_and_confidence(probs)[0]
-    return dense_crf(image, probs, cfg.crf)[0]
+    return label_map(image, probs, cfg.crf)[0]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -46,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model", required=True, help="DeconvNet model directory")
     p.add_argument("--images", type=int, default=10, help="generated 500x375 scenes")
     p.add_argument("--photo", action="append", default=[], help="a photograph (repeatable), no labels")
-    p.add_argument("--max-proposals", type=int, default=50)
+    p.add_argument("--max-proposals", type=int, default=setting("max_proposals"))
     p.add_argument("--scene-classes", type=int, default=4,
                    help="object classes in the scenes: as many as the model was trained on (synthetic's default 4)")
     p.add_argument("--seed", type=int, default=7, help="scenes from seeds other than the training set's")
@@ -58,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     seg_by_mode = {}
     for mode in INFERENCE_MODES:
         for crf in ("none", "paper"):
-            cfg = inference_configs(mode, max_proposals=a.max_proposals, crf=crf)
+            cfg = for_mode(mode, max_proposals=a.max_proposals, crf=crf)
             seg_by_mode[(mode, crf)] = (Segmenter(model, info, cfg.segmenter, device="cpu"), cfg)
     scenes = [sample(np.random.default_rng([a.seed, i]), 375, 500, a.scene_classes) for i in range(a.images)]
     inputs = [(s.image, s.classes) for s in scenes] + [(decode_image(storage.read_bytes(u)), None) for u in a.photo]

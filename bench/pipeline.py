@@ -32,11 +32,13 @@ import record as bench_record  # bench/record.py: this script's folder is on sys
 # ...and bench/pipeline.py would shadow the `pipeline` package: take the folder off again.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 from deconvnet import storage
-from deconvnet.inference.crf import crf_config, dense_crf
+from deconvnet.inference import InferenceConfig, for_mode
+from deconvnet.inference.crf import CRF_PRESETS, label_map
+from deconvnet.inference.modes import NO_CRF, setting
 from deconvnet.data.imageio import decode_image
 from deconvnet.model import build_model, preset
-from deconvnet.inference.proposals import ProposalConfig, propose
-from deconvnet.inference.segmenter import Segmenter, SegmenterConfig, labels_and_confidence
+from deconvnet.inference.proposals import propose
+from deconvnet.inference.segmenter import Segmenter
 from deconvnet.data.synthetic import generate
 from deconvnet.data.voc import encode_label_png
 from deconvnet.weights import ModelInfo, save_model_dir
@@ -90,13 +92,13 @@ def dataset(work: str, n: int, size: tuple[int, int]) -> str:
     return os.path.join(root, "JPEGImages")
 
 
-def sequential(files: list[str], seg: Segmenter, proposals: ProposalConfig, crf: str, out: str) -> float:
+def sequential(files: list[str], seg: Segmenter, inference: InferenceConfig, out: str) -> float:
     """The same work as the job, one image after another in this process."""
     t0 = time.perf_counter()
     for f in files:
         image = decode_image(storage.read_bytes(f))
-        probs = seg.probabilities([image], [propose(image, proposals)])[0]
-        labels = labels_and_confidence(probs)[0] if crf == "none" else dense_crf(image, probs, crf_config(crf))[0]
+        probs = seg.probabilities([image], [propose(image, inference.proposals)])[0]
+        labels = label_map(image, probs, inference.crf)[0]
         storage.write_bytes(os.path.join(out, os.path.basename(f) + ".png"), encode_label_png(labels))
     return time.perf_counter() - t0
 
@@ -127,9 +129,9 @@ def main(argv=None):
     p.add_argument("--scale", type=int, default=None, help="also run the job on scale*N images (memory check)")
     p.add_argument("--size", default="500x375", help="WxH of generated images")
     p.add_argument("--preset", default="tiny")
-    p.add_argument("--max-proposals", type=int, default=50)
-    p.add_argument("--batch-size", type=int, default=32, help="proposals per forward")
-    p.add_argument("--crf", nargs="+", default=["paper", "none"], choices=["paper", "deeplab", "none"])
+    p.add_argument("--max-proposals", type=int, default=setting("max_proposals"))
+    p.add_argument("--batch-size", type=int, default=setting("batch_size"), help="proposals per forward")
+    p.add_argument("--crf", nargs="+", default=[setting("crf"), NO_CRF], choices=[*sorted(CRF_PRESETS), NO_CRF])
     p.add_argument("--skip-sequential", action="store_true")
     p.add_argument("--work", default="/tmp/deconvnet-bench")
     p.add_argument("--out", default=bench_record.default_path("pipeline"))
@@ -145,8 +147,9 @@ def main(argv=None):
     if not os.path.exists(os.path.join(model_dir, "config.json")):
         cfg = preset(args.preset)
         save_model_dir(build_model(cfg), model_dir, ModelInfo(config=cfg))
-    proposals = ProposalConfig(max_proposals=args.max_proposals)
-    seg = Segmenter.from_model_dir(model_dir, SegmenterConfig(batch_size=args.batch_size))
+    inference = {crf: for_mode(max_proposals=args.max_proposals, batch_size=args.batch_size, crf=crf)
+                 for crf in args.crf}
+    seg = Segmenter.from_model_dir(model_dir, inference[args.crf[0]].segmenter)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
@@ -184,7 +187,7 @@ def main(argv=None):
         n = args.images
         if not args.skip_sequential:
             out = os.path.join(args.work, f"out-seq-{crf}-{time.time_ns()}")
-            job["sequential_images_per_s"] = round(n / sequential(files, seg, proposals, crf, out), 3)
+            job["sequential_images_per_s"] = round(n / sequential(files, seg, inference[crf], out), 3)
         job["model_only_images_per_s"] = round(n / model_only(seg, int(job["proposals_per_image"] * n),
                                                               args.batch_size), 3)
         print(json.dumps(job))

@@ -21,8 +21,10 @@ import torch
 
 import record  # bench/record.py: this script's folder is on sys.path
 from deconvnet.model import build_model, preset
-from deconvnet.inference.proposals import ProposalConfig, propose
-from deconvnet.inference.segmenter import Segmenter, SegmenterConfig
+from deconvnet.inference import for_mode
+from deconvnet.inference.modes import setting
+from deconvnet.inference.proposals import propose
+from deconvnet.inference.segmenter import AGGREGATES, Segmenter
 from deconvnet.data.synthetic import sample
 from deconvnet.weights import ModelInfo
 
@@ -31,19 +33,19 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tiny")
     p.add_argument("--images", type=int, default=4)
-    p.add_argument("--max-proposals", type=int, default=50)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--aggregate", default="max", choices=["max", "mean"])
+    p.add_argument("--max-proposals", type=int, default=setting("max_proposals"))
+    p.add_argument("--batch-size", type=int, default=setting("batch_size"))
+    p.add_argument("--aggregate", default=setting("aggregate"), choices=AGGREGATES)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=record.default_path("segmenter"))
     a = p.parse_args(argv)
     cfg = preset(a.preset)
-    seg = Segmenter(build_model(cfg), ModelInfo(config=cfg),
-                    SegmenterConfig(batch_size=a.batch_size, aggregate=a.aggregate), a.device)
+    inference = for_mode(max_proposals=a.max_proposals, batch_size=a.batch_size, aggregate=a.aggregate)
+    seg = Segmenter(build_model(cfg), ModelInfo(config=cfg), inference.segmenter, a.device)
     rng = np.random.default_rng(0)
     images = [sample(rng, 375, 500).image for _ in range(a.images)]
-    pc = ProposalConfig(max_proposals=a.max_proposals)
+    pc = inference.proposals
     t0 = time.perf_counter()
     boxes = [propose(im, pc) for im in images]
     propose_ms = (time.perf_counter() - t0) * 1e3 / a.images
@@ -76,10 +78,10 @@ def main(argv=None) -> dict:
            "propose_ms_per_image": round(propose_ms, 1),
            "segment_ms_per_image": round(statistics.median(times) * 1e3 / a.images, 1),
            "forward_only_ms_per_image": round(statistics.median(fwd) * 1e3 / a.images, 1)}
-    setting = f"{a.preset} on {rec['device']} ({rec['threads']} threads), {n_props / a.images:.0f} proposals/image"
+    summary = f"{a.preset} on {rec['device']} ({rec['threads']} threads), {n_props / a.images:.0f} proposals/image"
     times_ms = (f"propose {rec['propose_ms_per_image']} ms, segment {rec['segment_ms_per_image']} ms/image "
                 f"(forward alone {rec['forward_only_ms_per_image']} ms)")
-    return record.report(a.out, rec, f"{setting}, batch {a.batch_size}: {times_ms}")
+    return record.report(a.out, rec, f"{summary}, batch {a.batch_size}: {times_ms}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 
 from . import storage
-from .cli import add_storage_option_arg, storage_options_from
+from .cli import add_inference_flags, add_storage_option_arg, config_error, storage_options_from
 
 
 def read_classes(args, parser, opts) -> tuple[str, ...] | None:
@@ -64,31 +64,26 @@ def cmd_init(args, parser) -> int:
 
 
 def cmd_segment(args, parser) -> int:
-    from .inference.crf import dense_crf
     from .data.imageio import BadImage, decode_image, encode_jpeg
-    from .inference import inference_configs
-    from .inference.proposals import propose
-    from .inference.segmenter import Segmenter, labels_and_confidence
     from .data.voc import encode_label_png, overlay
+    from .inference import for_mode
+    from .inference.crf import label_map
+    from .inference.modes import RUN_SETTINGS
+    from .inference.proposals import propose
+    from .inference.segmenter import Segmenter
 
     opts = storage_options_from(parser, args.storage_option)
     try:
-        cfg = inference_configs(args.inference, proposals=args.proposals, max_proposals=args.max_proposals,
-                                edge_model=args.edge_model, batch_size=args.batch_size,
-                                aggregate=args.aggregate, ensemble=args.ensemble, crf=args.crf)
+        cfg = for_mode(args.inference, **{name: getattr(args, name) for name in RUN_SETTINGS})
         segmenter = Segmenter.from_model_dir(args.model, cfg.segmenter,
                                              device=args.device, fcn_uri=args.fcn_model, storage_options=opts)
         image = decode_image(storage.read_bytes(args.image, opts))
         boxes = propose(image, cfg.proposals, opts)  # reads --edge-model with the storage options
     except (FileNotFoundError, ValueError) as e:  # BadImage is a ValueError
         kind = "image" if isinstance(e, BadImage) else "error"
-        parser.error(f"{kind}: {e}")
+        parser.error(f"{kind}: {config_error(e, args.flag_of)}")
     probs = segmenter.probabilities([image], [boxes])[0]  # (C, H, W)
-    if cfg.crf is None:
-        labels, confidence = labels_and_confidence(probs)
-    else:
-        labels, conf = dense_crf(image, probs, cfg.crf)
-        confidence = float(conf.mean())
+    labels, confidence = label_map(image, probs, cfg.crf)
     palette = segmenter.info.palette_array()
     storage.write_bytes(args.out, encode_label_png(labels, palette), opts)
     if args.overlay:
@@ -123,7 +118,8 @@ def cmd_convert_caffe(args, parser) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """The command line and its subcommands."""
     from .model import PRESETS
 
     parser = argparse.ArgumentParser(prog="python -m deconvnet", description=__doc__.split("\n\n")[0])
@@ -138,42 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     add_storage_option_arg(p)
     p.set_defaults(func=cmd_init)
 
-    from .inference.crf import CRF_PRESETS
-    from .inference import INFERENCE_MODES
-    from .inference.proposals import PROPOSAL_METHODS
-    from .inference.segmenter import AGGREGATES, ENSEMBLES
-
     p = sub.add_parser("segment", help="segment one image: palette PNG label map (+ colour overlay)")
     p.add_argument("image", help="image path or URI")
     p.add_argument("--model", required=True, help="DeconvNet model directory")
-    p.add_argument("--fcn-model", help="FCN-8s model directory for the EDeconvNet ensemble")
-    p.add_argument("--inference", choices=INFERENCE_MODES, default="default",
-                   help="original: what the authors' release does (boxes under 112 px skipped, 50 processed, "
-                        "no whole-image box; black padding; raw scores max-merged from zero, one softmax; "
-                        "EDeconvNet softmax(DeconvNet score * max(0, FCN score)); CRF preset as is: "
-                        "'paper' is the release's, unnormalised kernels). default: the project's (whole image "
-                        "added, boxes under 16 px skipped, mean-colour padding, per-proposal softmax, mean "
-                        "ensemble, normalised CRF kernels)")
-    p.add_argument("--proposals", choices=sorted(PROPOSAL_METHODS),
-                   help="proposal generator (default: edgeboxes with --edge-model, else grid)")
-    p.add_argument("--edge-model", help="structured-edge model file (OpenCV's model.yml.gz), path or URI, "
-                                        "for --proposals edgeboxes; read with --storage-option")
-    p.add_argument("--max-proposals", type=int, default=50, help="boxes processed per image "
-                                                                 "(+ the whole image in --inference default)")
-    p.add_argument("--aggregate", choices=AGGREGATES,
-                   help="merge of proposal maps: pixel-wise max (default; the only one in --inference original) "
-                        "or mean over covering proposals")
-    p.add_argument("--ensemble", choices=ENSEMBLES,
-                   help="with --fcn-model: mean of probabilities (default, the paper's text), product of "
-                        "probabilities, or relu-product (the release's; --inference original)")
-    p.add_argument("--crf", choices=[*sorted(CRF_PRESETS), "none"], default="paper",
-                   help="dense CRF preset: paper (the release's stds and weights), deeplab, or none")
-    p.add_argument("--batch-size", type=int, default=32, help="proposals per forward pass")
+    flag_of = add_inference_flags(p)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--out", required=True, help="label map to write (palette PNG)")
     p.add_argument("--overlay", help="colour overlay to write (JPEG)")
-    add_storage_option_arg(p)
-    p.set_defaults(func=cmd_segment)
+    flag_of.update(add_storage_option_arg(p))
+    p.set_defaults(func=cmd_segment, flag_of=flag_of)
 
     p = sub.add_parser("convert-caffe", help="a model directory from the authors' Caffe weights (.caffemodel)")
     p.add_argument("weights", help=".caffemodel path or URI (DeconvNet, FCN-8s or VGG16)")
@@ -186,7 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="--kind vgg16: seed of the decoder's initialisation")
     add_storage_option_arg(p)
     p.set_defaults(func=cmd_convert_caffe)
+    return parser, sub
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser, sub = build_parser()
     args = parser.parse_args(argv)
     sub_parser = sub.choices[args.command]
     return args.func(args, sub_parser)

@@ -25,27 +25,11 @@ import os
 import sys
 
 from deconvnet import storage
-from deconvnet.cli import add_storage_option_arg, config_error, storage_options_from
-from deconvnet.inference.crf import CRF_PRESETS
-from deconvnet.inference import INFERENCE_MODES
-from deconvnet.inference.proposals import PROPOSAL_METHODS
-from deconvnet.inference.segmenter import AGGREGATES, ENSEMBLES
+from deconvnet.cli import (Flag, add_flags, add_storage_option_arg, config_error, flag, inference_flags,
+                           storage_options_from)
 from deconvnet.weights import check_model_dir
 from pipeline.config import IMAGE_SUFFIXES, SegmentJobConfig
 
-# Each config field and the flag that sets it: parse_config builds the config from
-# these, and a config error names the flag. (part_seconds has no flag.)
-FLAGS = {
-    "input": "--input", "output": "--output", "model": "--model", "fcn_model": "--fcn-model",
-    "inference": "--inference", "ensemble": "--ensemble", "proposals": "--proposals", "edge_model": "--edge-model",
-    "max_proposals": "--max-proposals", "aggregate": "--aggregate", "crf": "--crf",
-    "crf_max_side": "--crf-max-side", "batch_size": "--batch-size", "images_per_batch": "--images-per-batch",
-    "gpu_actors": "--gpu-actors", "device": "--device", "gpus_per_actor": "--gpus-per-actor",
-    "cpus_per_actor": "--cpus-per-actor", "crf_cpus": "--crf-cpus", "limit": "--limit",
-    "incremental": "--incremental", "overlays": "--overlays", "gallery": "--gallery",
-    "gallery_size": "--gallery-size", "fail_on_error": "--fail-on-error", "rows_per_part": "--part-rows",
-    "storage_options": "--storage-option",
-}
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(SegmentJobConfig) if f.default is not dataclasses.MISSING}
 
 
@@ -57,76 +41,63 @@ def _actors(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected N or MIN-MAX, got {text!r}") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The flags of FLAGS; defaults are the config's own (values are checked by the config)."""
+def flags() -> list[Flag]:
+    """Every option and the SegmentJobConfig field it sets; defaults are the
+    config's own, or the mode table's (values are checked by the config).
+    part_seconds has no flag; --storage-option is added beside these."""
     d = DEFAULTS
+    return [
+        flag("--input", required=True, help="prefix or single image, any fsspec URI or local path"),
+        flag("--output", required=True, help="where masks/, predictions/ and runs/ go"),
+        flag("--model", required=True, help="DeconvNet model directory (model.safetensors + config.json)"),
+        *inference_flags(),
+        flag("--images-per-batch", type=int, default=d["images_per_batch"], help="images per segment-actor call"),
+        flag("--gpu-actors", type=_actors, help="segment actors, N or MIN-MAX (default: one per GPU)"),
+        flag("--device", choices=["auto", "gpu", "cpu"], default=d["device"],
+             help="where segment actors run; auto: GPUs if the cluster has any now (an autoscaling "
+                  "cluster at zero GPU nodes needs 'gpu', which asks the autoscaler for them)"),
+        flag("--gpus-per-actor", type=float, default=d["gpus_per_actor"], help="GPUs each segment actor holds"),
+        flag("--cpus-per-actor", type=float,
+             help="CPUs reserved (= torch threads) per actor without GPU (default: reserve 1, "
+                  "use the node's cores shared among the pool)"),
+        flag("--crf-cpus", type=int, help="CRF tasks at once (default: every free CPU)"),
+        flag("--limit", type=int, help="only the first N images (sorted by URI)"),
+        flag("--incremental", action=argparse.BooleanOptionalAction, default=d["incremental"],
+             help="skip images this model already labelled under --output"),
+        flag("--overlays", action="store_true", help="also write overlays/<path>.jpg"),
+        flag("--gallery", action="store_true",
+             help="write index.html: a sample of images with overlays, classes and confidences, "
+                  "and a per-class pixel chart of the whole output"),
+        flag("--gallery-size", type=int, help=f"images in the gallery's sample; {d['gallery_size']} when not given"),
+        flag("--fail-on-error", action="store_true", help="exit 1 if any image is an error row"),
+        flag("--part-rows", "rows_per_part", type=int, default=d["rows_per_part"], metavar="PART_ROWS",
+             help="Parquet rows per predictions/ part (a part is also written every "
+                  f"{d['part_seconds']:g} s); a killed run keeps every part it wrote"),
+    ]
+
+
+def parser_and_flags() -> tuple[argparse.ArgumentParser, dict[str, str]]:
+    """The parser and its {config field: flag} map."""
     p = argparse.ArgumentParser(prog="segment_dataset.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--input", required=True, help="prefix or single image, any fsspec URI or local path")
-    p.add_argument("--output", required=True, help="where masks/, predictions/ and runs/ go")
-    p.add_argument("--model", required=True, help="DeconvNet model directory (model.safetensors + config.json)")
-    p.add_argument("--fcn-model", help="FCN-8s model directory: combine with it (EDeconvNet)")
-    p.add_argument("--inference", choices=INFERENCE_MODES, default=d["inference"],
-                   help="original: what the authors' release does (boxes under 112 px skipped, the first 50 "
-                        "processed, no whole-image box; black padding; raw scores max-merged from zero, one "
-                        "softmax; EDeconvNet softmax(DeconvNet score x max(0, FCN score)); the CRF preset as is). "
-                        "default: the project's (whole image added, boxes under 16 px skipped, mean-colour "
-                        "padding, per-proposal softmax, mean ensemble, normalised CRF kernels)")
-    p.add_argument("--ensemble", choices=ENSEMBLES,
-                   help="EDeconvNet rule with --fcn-model (default: the mode's; default mode: mean of the two "
-                        "probability maps, as the paper's text; product: their product, renormalised; "
-                        "relu-product: --inference original's)")
-    p.add_argument("--proposals", choices=sorted(PROPOSAL_METHODS),
-                   help="proposal generator (default: edgeboxes with --edge-model, else grid)")
-    p.add_argument("--edge-model", help="structured-edge model file (OpenCV's model.yml.gz) for --proposals edgeboxes")
-    p.add_argument("--max-proposals", type=int, default=d["max_proposals"],
-                   help="boxes segmented per image (default mode adds the whole image)")
-    p.add_argument("--aggregate", choices=AGGREGATES,
-                   help="merge of proposal maps: pixel-wise max (default) or mean over covering proposals")
-    p.add_argument("--crf", choices=[*sorted(CRF_PRESETS), "none"], default=d["crf"],
-                   help="dense CRF preset: paper (the release's Gaussian 3/3, bilateral 20/3/5, 10 iterations), "
-                        "deeplab, or none")
-    p.add_argument("--crf-max-side", type=int, help="run the CRF on at most this longer side")
-    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="proposals per forward pass")
-    p.add_argument("--images-per-batch", type=int, default=d["images_per_batch"],
-                   help="images per segment-actor call")
-    p.add_argument("--gpu-actors", type=_actors, help="segment actors, N or MIN-MAX (default: one per GPU)")
-    p.add_argument("--device", choices=["auto", "gpu", "cpu"], default=d["device"],
-                   help="where segment actors run; auto: GPUs if the cluster has any now (an autoscaling "
-                        "cluster at zero GPU nodes needs 'gpu', which asks the autoscaler for them)")
-    p.add_argument("--gpus-per-actor", type=float, default=d["gpus_per_actor"], help="GPUs each segment actor holds")
-    p.add_argument("--cpus-per-actor", type=float,
-                   help="CPUs reserved (= torch threads) per actor without GPU (default: reserve 1, "
-                        "use the node's cores shared among the pool)")
-    p.add_argument("--crf-cpus", type=int, help="CRF tasks at once (default: every free CPU)")
-    p.add_argument("--limit", type=int, help="only the first N images (sorted by URI)")
-    p.add_argument("--incremental", action=argparse.BooleanOptionalAction, default=d["incremental"],
-                   help="skip images this model already labelled under --output")
-    p.add_argument("--overlays", action="store_true", help="also write overlays/<path>.jpg")
-    p.add_argument("--gallery", action="store_true",
-                   help="write index.html: a sample of images with overlays, classes and confidences, "
-                        "and a per-class pixel chart of the whole output")
-    p.add_argument("--gallery-size", type=int,
-                   help=f"images in the gallery's sample; {d['gallery_size']} when not given")
-    p.add_argument("--fail-on-error", action="store_true", help="exit 1 if any image is an error row")
-    p.add_argument("--part-rows", type=int, default=d["rows_per_part"],
-                   help="Parquet rows per predictions/ part (a part is also written every "
-                        f"{d['part_seconds']:g} s); a killed run keeps every part it wrote")
-    add_storage_option_arg(p)
-    return p
+    return p, {**add_flags(p, flags()), **add_storage_option_arg(p)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return parser_and_flags()[0]
 
 
 def parse_config(argv: list[str] | None = None) -> SegmentJobConfig:
     """Parse and check everything that can be checked before work starts; a
     problem is parser.error: one line, exit code 2."""
-    parser = build_parser()
+    parser, flag_of = parser_and_flags()
     a = parser.parse_args(argv)
-    values = {field: getattr(a, flag[2:].replace("-", "_")) for field, flag in FLAGS.items()}
+    values = {name: value for name, value in vars(a).items() if name in flag_of}
     values["storage_options"] = opts = storage_options_from(parser, a.storage_option)
     try:
         cfg = SegmentJobConfig(**{k: v for k, v in values.items() if v is not None})  # None: the default
     except ValueError as e:
-        parser.error(config_error(e, FLAGS))
+        parser.error(config_error(e, flag_of))
     if a.gallery_size is not None and not a.gallery:
         parser.error("--gallery-size needs --gallery")
     for flag, uri, arch in (("--model", cfg.model, "deconvnet"), ("--fcn-model", cfg.fcn_model, "fcn8s")):

@@ -34,7 +34,6 @@ Exit codes: 0 done (or nothing to do), 1 training failed, 2 a bad argument.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import tempfile
@@ -44,8 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from deconvnet import storage
 from deconvnet.training import crops, recipe, rundir
-from deconvnet.cli import add_storage_option_arg, config_error, flags_of, storage_options_from
-from deconvnet.inference.proposals import ProposalConfig
+from deconvnet.cli import Flag, add_flags, add_storage_option_arg, config_error, flag, storage_options_from
 from deconvnet.records import now_iso
 from deconvnet.training.recipe import RECIPES, TRAINING_PROPOSALS, TrainConfig, config_for
 from deconvnet.data.voc import TRAIN_LIST, VAL_LIST, VocDataset, open_train_val
@@ -155,8 +153,7 @@ def _evaluate_and_report(model: torch.nn.Module, optimizer: torch.optim.Optimize
 
     net = recipe.unwrap(model)
     recipe.broadcast_buffers_(net)  # every rank evaluates the weights rank 0 checkpoints and exports
-    proposals = ProposalConfig(method=cfg.proposals, max_proposals=cfg.eval_max_proposals)
-    cm = recipe.evaluate(net, val, info, proposals, device, indices=range(rank, len(val), world))
+    cm = recipe.evaluate(net, val, info, cfg.evaluation(), device, indices=range(rank, len(val), world))
     cm = ConfusionMatrix.from_matrix(recipe.all_reduce_(torch.from_numpy(cm.matrix).to(device)).cpu())
     state.evals.append({"step": state.step, "mean_iou": cm.mean_iou(), "pixel_accuracy": cm.pixel_accuracy(),
                         "mean_accuracy": cm.mean_accuracy()})
@@ -183,87 +180,83 @@ def _say(text: str) -> None:
 
 # ------------------------------------------------------------------- driver
 
-def build_parser() -> argparse.ArgumentParser:
-    """Each option's `dest` is the TrainConfig field it sets (`flags_of` reads
-    the field -> flag mapping back from here, for error messages)."""
-    paper = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+def flags() -> list[Flag]:
+    """Every option and the TrainConfig field it sets. Its default in the help is
+    the field's in a run of each preset that sets nothing else (the proposal
+    settings as the inference mode table fills them)."""
+    paper, tiny = (config_for(preset, data="", storage="", name="defaults", random_encoder=True).record()
+                   for preset in ("paper", "tiny"))
 
-    def default(name: str) -> str:
-        tiny = RECIPES["tiny"].get(name, paper[name])
-        return f" (default: {paper[name]}; {tiny} with --preset tiny)" if tiny != paper[name] \
-            else f" (default: {paper[name]})"
+    def option(name: str, help: str, **options: Any) -> Flag:
+        field = flag(name).field
+        ending = f" (default: {paper[field]}; {tiny[field]} with --preset tiny)" \
+            if tiny[field] != paper[field] else f" (default: {paper[field]})"
+        return flag(name, help=help + ending, **options)
 
+    return [
+        flag("--data", required=True, metavar="URI",
+             help="PASCAL VOC-layout root URI: JPEGImages/, SegmentationClass/ (palette PNGs, "
+                  "255 = ignore), SegmentationObject/ when present, ImageSets/Segmentation/{train,val}.txt"),
+        flag("--extra-train-list", "extra_train_lists", action="append", default=[], metavar="URI",
+             help="another training list (repeatable), e.g. SBD-augmented ids; lines are ids or "
+                  "'IMAGE LABEL' paths relative to --data; val images in it are dropped"),
+        flag("--storage", required=True, metavar="URI", help="URI under which <name>/ holds checkpoints and results"),
+        flag("--name", help="run name; the same name resumes that run (default: deconvnet-<preset>)"),
+        flag("--preset", choices=sorted(RECIPES), default="paper",
+             help="architecture (without --init) and recipe defaults: 'paper' is the published "
+                  "network and solver, 'tiny' a small net for CPUs and tests (default: paper)"),
+        flag("--init", metavar="URI",
+             help="model directory to start from, e.g. from `python -m deconvnet init --vgg16 ...` or "
+                  "`python -m deconvnet convert-caffe --kind vgg16 ...`; its classes are used. A paper "
+                  "run needs it, or --random-encoder"),
+        flag("--random-encoder", action="store_true", default=None,
+             help="without --init, start the paper preset from a random encoder (VOC's 21 classes) "
+                  "on purpose; it trains far worse than from ImageNet weights"),
+        option("--num-workers", "DDP workers, one GPU each with --use-gpu; 0 runs in this process without "
+                                "checkpoints", type=int),
+        flag("--use-gpu", action="store_true", default=None, help="one GPU per worker (nccl, bf16 autocast)"),
+        option("--batch-size", "GLOBAL batch of crops per step, split over the workers", type=int),
+        option("--micro-batch-size", "crops per forward on a worker, so BatchNorm's batch; a worker's share is "
+                                     "accumulated over several forwards", type=int),
+        option("--stage1-steps", "steps on object-centred crops", type=int),
+        option("--stage2-steps", "steps on proposal crops", type=int),
+        option("--lr", "SGD learning rate at the start of each stage", type=float),
+        option("--momentum", "SGD momentum", type=float),
+        option("--weight-decay", "L2 on conv weights (and BN with --decay-bn), never on biases", type=float),
+        option("--bias-lr-mult", "biases learn at this times the lr (the prototxts' blobs_lr 2)", type=float),
+        option("--decay-bn", "weight decay on BN scale/shift too (the prototxts set no multiplier on BN)",
+               action=argparse.BooleanOptionalAction, default=None),
+        option("--stage1-lr-step", "stage 1: multiply the lr by --lr-gamma every this many steps", type=int),
+        option("--stage2-lr-step", "stage 2: multiply the lr by --lr-gamma every this many steps", type=int),
+        option("--lr-gamma", "step-decay factor", type=float),
+        option("--balance-classes", "stage 1: balance classes by repeating the images of rare ones",
+               action=argparse.BooleanOptionalAction, default=None),
+        option("--eval-every", "steps between val evaluations, each with a checkpoint", type=int),
+        option("--log-every", "steps between logged losses", type=int),
+        option("--proposals", "proposal generator for stage 2 and val", choices=TRAINING_PROPOSALS),
+        option("--eval-max-proposals", "val proposals per image (+ the whole image), as the segment job's "
+                                       "--max-proposals", type=int),
+        option("--loader-workers", "DataLoader processes per worker", type=int),
+        option("--max-failures", "worker-group restarts from the latest checkpoint (-1: no limit)", type=int),
+        option("--keep-checkpoints", "checkpoints kept in storage", type=int),
+        flag("--export", metavar="URI", help="model directory to write at the end, for the segment job"),
+        option("--seed", "seed of the initialisation, shuffles and crops", type=int),
+    ]
+
+
+def parser_and_flags() -> tuple[argparse.ArgumentParser, dict[str, str]]:
+    """The parser and its {config field: flag} map."""
     p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, metavar="URI",
-                   help="PASCAL VOC-layout root URI: JPEGImages/, SegmentationClass/ (palette PNGs, "
-                        "255 = ignore), SegmentationObject/ when present, ImageSets/Segmentation/{train,val}.txt")
-    p.add_argument("--extra-train-list", dest="extra_train_lists", action="append", default=[], metavar="URI",
-                   help="another training list (repeatable), e.g. SBD-augmented ids; lines are ids or "
-                        "'IMAGE LABEL' paths relative to --data; val images in it are dropped")
-    p.add_argument("--storage", required=True, metavar="URI", help="URI under which <name>/ holds checkpoints and results")
-    p.add_argument("--name", help="run name; the same name resumes that run (default: deconvnet-<preset>)")
-    p.add_argument("--preset", choices=sorted(RECIPES), default="paper",
-                   help="architecture (without --init) and recipe defaults: 'paper' is the published "
-                        "network and solver, 'tiny' a small net for CPUs and tests (default: paper)")
-    p.add_argument("--init", metavar="URI",
-                   help="model directory to start from, e.g. from `python -m deconvnet init --vgg16 ...` or "
-                        "`python -m deconvnet convert-caffe --kind vgg16 ...`; its classes are used. A paper "
-                        "run needs it, or --random-encoder")
-    p.add_argument("--random-encoder", action="store_true", default=None,
-                   help="without --init, start the paper preset from a random encoder (VOC's 21 classes) "
-                        "on purpose; it trains far worse than from ImageNet weights")
-    p.add_argument("--num-workers", type=int, help="DDP workers, one GPU each with --use-gpu; "
-                                                   "0 runs in this process without checkpoints" + default("num_workers"))
-    p.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker (nccl, bf16 autocast)")
-    p.add_argument("--batch-size", type=int, help="GLOBAL batch of crops per step, split over the workers"
-                   + default("batch_size"))
-    p.add_argument("--micro-batch-size", type=int,
-                   help="crops per forward on a worker, so BatchNorm's batch; a worker's share is "
-                        "accumulated over several forwards" + default("micro_batch_size"))
-    p.add_argument("--stage1-steps", type=int, help="steps on object-centred crops" + default("stage1_steps"))
-    p.add_argument("--stage2-steps", type=int, help="steps on proposal crops" + default("stage2_steps"))
-    p.add_argument("--lr", type=float, help="SGD learning rate at the start of each stage" + default("lr"))
-    p.add_argument("--momentum", type=float, help="SGD momentum" + default("momentum"))
-    p.add_argument("--weight-decay", type=float,
-                   help="L2 on conv weights (and BN with --decay-bn), never on biases" + default("weight_decay"))
-    p.add_argument("--bias-lr-mult", type=float,
-                   help="biases learn at this times the lr (the prototxts' blobs_lr 2)" + default("bias_lr_mult"))
-    p.add_argument("--decay-bn", action=argparse.BooleanOptionalAction, default=None,
-                   help="weight decay on BN scale/shift too (the prototxts set no multiplier on BN)"
-                        + default("decay_bn"))
-    p.add_argument("--stage1-lr-step", type=int,
-                   help="stage 1: multiply the lr by --lr-gamma every this many steps" + default("stage1_lr_step"))
-    p.add_argument("--stage2-lr-step", type=int,
-                   help="stage 2: multiply the lr by --lr-gamma every this many steps" + default("stage2_lr_step"))
-    p.add_argument("--lr-gamma", type=float, help="step-decay factor" + default("lr_gamma"))
-    p.add_argument("--balance-classes", action=argparse.BooleanOptionalAction, default=None,
-                   help="stage 1: balance classes by repeating the images of rare ones" + default("balance_classes"))
-    p.add_argument("--eval-every", type=int,
-                   help="steps between val evaluations, each with a checkpoint" + default("eval_every"))
-    p.add_argument("--log-every", type=int, help="steps between logged losses" + default("log_every"))
-    p.add_argument("--proposals", choices=TRAINING_PROPOSALS,
-                   help="proposal generator for stage 2 and val" + default("proposals"))
-    p.add_argument("--eval-max-proposals", type=int,
-                   help="val proposals per image (+ the whole image), as the segment job's --max-proposals"
-                        + default("eval_max_proposals"))
-    p.add_argument("--loader-workers", type=int, help="DataLoader processes per worker" + default("loader_workers"))
-    p.add_argument("--max-failures", type=int,
-                   help="worker-group restarts from the latest checkpoint (-1: no limit)" + default("max_failures"))
-    p.add_argument("--keep-checkpoints", type=int, help="checkpoints kept in storage" + default("keep_checkpoints"))
-    p.add_argument("--export", metavar="URI", help="model directory to write at the end, for the segment job")
-    p.add_argument("--seed", type=int, help="seed of the initialisation, shuffles and crops" + default("seed"))
-    add_storage_option_arg(p)
-    return p
+    return p, {**add_flags(p, flags()), **add_storage_option_arg(p)}
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """Parse and check everything that can be checked before work starts; a
     problem is parser.error: one line naming the flag, exit code 2."""
-    parser = build_parser()
+    parser, flag_of = parser_and_flags()
     a = vars(parser.parse_args(argv))
     opts = storage_options_from(parser, a.pop("storage_option"))
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {k: v for k, v in a.items() if k in fields}
+    values = {k: v for k, v in a.items() if k in flag_of}
     values["extra_train_lists"] = tuple(values["extra_train_lists"])
     values["name"] = values["name"] or f"deconvnet-{a['preset']}"
     try:
@@ -271,7 +264,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         check_inputs(cfg)
         check_resumable(cfg)
     except ValueError as e:
-        parser.error(config_error(e, {**flags_of(parser), "storage_options": "--storage-option"}))
+        parser.error(config_error(e, flag_of))
     return cfg
 
 

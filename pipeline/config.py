@@ -10,10 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deconvnet import storage
-from deconvnet.inference.crf import CRF_PRESETS
-from deconvnet.inference import INFERENCE_MODES, InferenceConfigs, inference_configs
-from deconvnet.inference.proposals import PROPOSAL_METHODS
-from deconvnet.inference.segmenter import AGGREGATES, ENSEMBLES
+from deconvnet.checks import Problems
+from deconvnet.inference import INFERENCE_MODES, InferenceConfig, for_mode
+from deconvnet.inference.modes import RUN_SETTINGS, setting
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -24,17 +23,18 @@ class SegmentJobConfig:
     output: str  # masks/, overlays/, predictions/, runs/, index.html go under it
     model: str  # DeconvNet model directory
     fcn_model: str | None = None  # FCN-8s model directory: EDeconvNet ensemble
-    # "original": what the authors' release does; "default": the project's rules
-    # (deconvnet/inference/modes.py has the one table of differences).
+    # "original": what the authors' release does; "default": the project's rules.
+    # The inference settings below, None = the mode's: deconvnet/inference/modes.py's
+    # MODE_TABLE is the one place their defaults are written (`for_mode`).
     inference: str = "default"
-    ensemble: str | None = None  # None: the mode's (mean of probabilities; original: its relu-product)
-    proposals: str | None = None  # None: edgeboxes with an edge model, else grid (needs no model file)
+    ensemble: str | None = None  # EDeconvNet rule with fcn_model
+    proposals: str | None = None  # the proposal method; the mode's: edgeboxes with an edge model, else grid
     edge_model: str | None = None  # structured-edge model for edgeboxes
-    max_proposals: int = 50  # the paper's top 50
-    aggregate: str | None = None  # None: the mode's (pixel-wise max)
-    crf: str = "paper"  # "paper" (the release's parameters), "deeplab" or "none"
-    crf_max_side: int | None = None  # run the CRF on at most this longer side
-    batch_size: int = 32  # proposals per forward pass; bounds GPU memory
+    max_proposals: int | None = None  # boxes segmented per image
+    aggregate: str | None = None  # merge of proposal maps
+    crf: str | None = None  # a CRF preset ("paper": the release's parameters, "deeplab") or "none"
+    crf_max_side: int | None = None  # run the CRF on at most this longer side; None: full size
+    batch_size: int | None = None  # proposals per forward pass; bounds GPU memory
     images_per_batch: int = 8  # images handed to a segment actor per call
     gpu_actors: tuple[int, int] | None = None  # (min, max); None = one per GPU, 1 on CPU
     # Segment actors on "gpu" or "cpu"; "auto": GPUs when the cluster has some now. An
@@ -56,46 +56,42 @@ class SegmentJobConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        problems: list[str] = []
-
-        def check(name: str, ok: bool, what: str) -> None:
-            if not ok:
-                problems.append(f"`{name}` {what}, got {getattr(self, name)!r}")
-
+        problems = Problems(self)
         for name in ("input", "output", "model"):
-            check(name, bool(getattr(self, name)), "must be a URI or path")
-        check("inference", self.inference in INFERENCE_MODES, f"must be one of {', '.join(INFERENCE_MODES)}")
-        check("ensemble", self.ensemble in (None, *ENSEMBLES), f"must be one of {', '.join(ENSEMBLES)}")
-        check("proposals", self.proposals in (None, *PROPOSAL_METHODS),
-              f"must be one of {', '.join(sorted(PROPOSAL_METHODS))}")
-        check("aggregate", self.aggregate in (None, *AGGREGATES), f"must be one of {', '.join(AGGREGATES)}")
-        check("crf", self.crf in (*CRF_PRESETS, "none"), f"must be one of {', '.join([*sorted(CRF_PRESETS), 'none'])}")
-        check("device", self.device in ("auto", "gpu", "cpu"), "must be auto, gpu or cpu")
-        check("max_proposals", self.max_proposals >= 0, "must be >= 0")
-        for name in ("batch_size", "images_per_batch", "gallery_size", "rows_per_part"):
-            check(name, getattr(self, name) >= 1, "must be >= 1")
-        for name in ("crf_max_side", "crf_cpus", "limit"):
-            check(name, getattr(self, name) is None or getattr(self, name) >= 1, "must be >= 1")
+            problems.check(name, bool(getattr(self, name)), "must be a URI or path")
+        problems.one_of("inference", INFERENCE_MODES)
+        problems.one_of("device", ("auto", "gpu", "cpu"))
+        for name in ("images_per_batch", "gallery_size", "rows_per_part"):
+            problems.at_least(name, 1)
+        for name in ("crf_cpus", "limit"):
+            problems.at_least(name, 1, none_ok=True)
         for name in ("gpus_per_actor", "part_seconds"):
-            check(name, getattr(self, name) > 0, "must be > 0")
-        check("cpus_per_actor", self.cpus_per_actor is None or self.cpus_per_actor > 0, "must be > 0")
-        check("gpu_actors", self.gpu_actors is None or 1 <= self.gpu_actors[0] <= self.gpu_actors[1],
-              "need 1 <= MIN <= MAX")
-        if problems:
-            raise ValueError("; ".join(problems))
-        try:
-            self.inference_configs()
-        except ValueError as e:  # a rule the mode fixes, or edgeboxes without a model
-            raise ValueError(f"`inference` {self.inference}: {e}") from None
+            problems.check(name, getattr(self, name) > 0, "must be > 0")
+        problems.check("cpus_per_actor", self.cpus_per_actor is None or self.cpus_per_actor > 0, "must be > 0")
+        problems.check("gpu_actors", self.gpu_actors is None or 1 <= self.gpu_actors[0] <= self.gpu_actors[1],
+                       "need 1 <= MIN <= MAX")
+        if self.inference in INFERENCE_MODES:
+            try:  # the inference settings: checked where they are used
+                self.inference_config()
+            except ValueError as e:
+                problems.add(str(e))
+        problems.raise_any()
 
-    def inference_configs(self) -> InferenceConfigs:
-        """The proposal, segmenter and CRF configs of this run's inference mode."""
-        return inference_configs(self.inference, proposals=self.proposals, max_proposals=self.max_proposals,
-                                 edge_model=self.edge_model, batch_size=self.batch_size, aggregate=self.aggregate,
-                                 ensemble=self.ensemble, crf=self.crf, crf_max_side=self.crf_max_side)
+    def inference_config(self) -> InferenceConfig:
+        """The proposal, segmenter and CRF configs of this run: its mode's, with
+        the inference settings it gives on top."""
+        return for_mode(self.inference, **{name: getattr(self, name) for name in RUN_SETTINGS})
+
+    # pipeline/job.py still calls it by its old name; drop this once it calls inference_config().
+    inference_configs = inference_config
 
     def record(self) -> dict[str, Any]:
-        """The config as written to runs/<id>.json: secrets redacted."""
+        """The config as written to runs/<id>.json: secrets redacted, and each
+        inference setting left to the mode as the mode sets it."""
         d = dataclasses.asdict(self)
         d["storage_options"] = storage.redact(self.storage_options)
+        for name in RUN_SETTINGS:
+            if d[name] is None:
+                d[name] = setting(name, self.inference)
         return d
+

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from deconvnet import storage
-from deconvnet.inference.crf import CRFConfig, dense_crf
+from deconvnet.inference.crf import CRFConfig, label_map
 from deconvnet.data.imageio import MAX_BYTES, BadImage, decode_image, encode_jpeg
 from deconvnet.inference.proposals import ProposalConfig, propose
-from deconvnet.inference.segmenter import Segmenter, SegmenterConfig, labels_and_confidence
+from deconvnet.inference.segmenter import Segmenter, SegmenterConfig
 from deconvnet.data.voc import encode_label_png, overlay
 
 from .layout import mask_uri, overlay_uri
@@ -123,7 +123,7 @@ class SegmentActor:
             elif self.with_crf:
                 probs[i] = m.astype(np.float16)  # half the bytes to the CRF workers
             else:
-                labels[i], confidence[i] = labels_and_confidence(m)
+                labels[i], confidence[i] = label_map(batch["image"][i], m, None)
         del batch["boxes"]
         if self.with_crf:
             batch["probs"] = ragged(probs)
@@ -141,8 +141,7 @@ def refine(batch: Batch, crf: CRFConfig) -> Batch:
         if batch["status"][i] != "ok":
             continue
         t0 = time.perf_counter()
-        lab, conf = dense_crf(batch["image"][i], batch["probs"][i].astype(np.float32), crf)
-        labels[i], confidence[i] = lab, float(conf.mean())
+        labels[i], confidence[i] = label_map(batch["image"][i], batch["probs"][i].astype(np.float32), crf)
         batch["seconds"][i] += time.perf_counter() - t0
     del batch["probs"]
     batch["labels"], batch["mean_confidence"] = ragged(labels), confidence

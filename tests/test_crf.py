@@ -50,8 +50,8 @@ def test_read_only_inputs_are_accepted(two_regions):
     image, _, probs = two_regions
     image, probs = image.copy(), probs.copy()
     image.flags.writeable = probs.flags.writeable = False
-    expected, _ = dense_crf(image.copy(), probs.copy())
-    np.testing.assert_array_equal(dense_crf(image, probs)[0], expected)
+    expected, _ = dense_crf(image.copy(), probs.copy(), crf_config("paper"))
+    np.testing.assert_array_equal(dense_crf(image, probs, crf_config("paper"))[0], expected)
 
 
 def test_max_side_returns_full_size_labels_that_mostly_agree(two_regions):
@@ -89,4 +89,4 @@ def test_unknown_preset_lists_choices():
 def test_probs_must_match_the_image():
     image = np.zeros((10, 12, 3), np.uint8)
     with pytest.raises(ValueError, match="probs"):
-        dense_crf(image, np.full((2, 12, 10), 0.5, np.float32))
+        dense_crf(image, np.full((2, 12, 10), 0.5, np.float32), crf_config("paper"))

@@ -11,13 +11,13 @@ import torch
 from torch import nn
 
 from deconvnet.inference.crf import crf_config, dense_crf, unary_energy
-from deconvnet.inference import inference_configs
+from deconvnet.inference import for_mode
 from deconvnet.model import preset
 from deconvnet.inference.proposals import PROPOSAL_METHODS, propose
 from deconvnet.inference.segmenter import Segmenter
 from deconvnet.weights import ModelInfo
 
-ORIGINAL, DEFAULT = inference_configs("original"), inference_configs("default")
+ORIGINAL, DEFAULT = for_mode("original"), for_mode("default")
 # Normalisation chosen so normalised values are easy by hand: (v - 255 * mean) / (255 * std).
 INFO = ModelInfo(config=preset("tiny", num_classes=3), classes=("a", "b", "c"),
                  mean=(0.5, 0.25, 0.75), std=(0.5, 0.5, 0.5))
@@ -206,16 +206,16 @@ def test_modes_are_defined_in_one_place_and_clash_loudly():
         ("raw", "black", "relu-product")
     assert (DEFAULT.segmenter.merge, DEFAULT.segmenter.pad, DEFAULT.segmenter.ensemble) == \
         ("softmax", "mean", "mean")
-    assert inference_configs("original", edge_model="m.yml.gz").proposals.method == "edgeboxes"
-    assert inference_configs("default", crf="none").crf is None
+    assert for_mode("original", edge_model="m.yml.gz").proposals.method == "edgeboxes"
+    assert for_mode("default", crf="none").crf is None
     with pytest.raises(ValueError, match="ensemble"):
-        inference_configs("original", ensemble="mean")
+        for_mode("original", ensemble="mean")
     with pytest.raises(ValueError, match="aggregate"):
-        inference_configs("original", aggregate="mean")
+        for_mode("original", aggregate="mean")
     with pytest.raises(ValueError, match="inference"):
-        inference_configs("paper")
+        for_mode("paper")
     with pytest.raises(ValueError, match="merge"):
-        inference_configs("default", ensemble="relu-product")
+        for_mode("default", ensemble="relu-product")
 
 
 def test_segment_command_with_original_inference(tmp_path):

@@ -119,7 +119,7 @@ def test_inference_original_runs_the_releases_rules(ray_session, tmp_path, tiny_
     """--inference original end to end: proposals as the release takes them (no
     whole-image box, boxes under 112 px skipped), the mode in the run's record."""
     from deconvnet.data.imageio import decode_image
-    from deconvnet.inference import inference_configs
+    from deconvnet.inference import for_mode
     from deconvnet.inference.proposals import propose
 
     photo = CORPUS["ok/photo.jpg"]
@@ -128,7 +128,7 @@ def test_inference_original_runs_the_releases_rules(ray_session, tmp_path, tiny_
     assert segment_dataset.main(["--input", images, "--output", out, "--model", tiny_model, "--inference", "original",
                                  "--max-proposals", "50", "--crf", "paper", "--fail-on-error"]) == 0
     (row,) = iter_rows(read_predictions(out))
-    expected = propose(decode_image(photo[0]), inference_configs("original").proposals)
+    expected = propose(decode_image(photo[0]), for_mode("original").proposals)
     assert row["status"] == "ok" and row["num_proposals"] == len(expected)
     h, w = row["height"], row["width"]
     assert not any(np.array_equal(b, [0, 0, w, h]) for b in expected)

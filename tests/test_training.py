@@ -88,9 +88,9 @@ def test_loss_ignores_the_ignore_label():
 def test_evaluate_counts_every_labelled_val_pixel(voc):
     model, info = recipe.initial_model(voc)
     _, val = open_train_val(voc.data, voc.extra_train_lists)
-    from deconvnet.inference.proposals import ProposalConfig
+    from deconvnet.inference import for_mode
 
-    cm = recipe.evaluate(model, val, info, ProposalConfig(max_proposals=2))
+    cm = recipe.evaluate(model, val, info, for_mode(max_proposals=2, crf="none"))
     assert isinstance(cm, ConfusionMatrix) and model.training  # train mode restored
     labelled = sum(int((val.load(i).classes != IGNORE_INDEX).sum()) for i in range(len(val)))
     assert cm.matrix.sum() == labelled

@@ -45,6 +45,7 @@ import pydensecrf.densecrf as dcrf
 import torch
 import torch.nn.functional as F
 
+from ..checks import Problems
 from ..data.imageio import downscale
 
 KERNELS = {"const": dcrf.CONST_KERNEL, "diag": dcrf.DIAG_KERNEL, "full": dcrf.FULL_KERNEL}
@@ -57,29 +58,27 @@ UNCLIPPED_FLOOR = float(np.finfo(np.float32).tiny)
 
 @dataclass(frozen=True)
 class CRFConfig:
-    gauss_sxy: float = 3           # smoothness kernel: position std, pixels
-    gauss_compat: float = 3        # smoothness kernel weight
-    bilateral_sxy: float = 20      # appearance kernel: position std, pixels
-    bilateral_srgb: float = 3      # appearance kernel: colour std, 0-255 units
-    bilateral_compat: float = 5    # appearance kernel weight
-    iterations: int = 10           # mean-field steps; 10 in the release and in DeepLab
-    kernel: str = "const"          # a key of KERNELS; "const" as meanfield-matlab (module docstring)
-    normalization: str = "none"    # a key of NORMALIZATIONS; "none" as meanfield-matlab
-    unary_clip: float | None = None  # floor of p before -log p; None: unclipped, as the release
+    """One CRF's settings; `CRF_PRESETS` holds the named ones, and each
+    inference mode says what it changes in them (`deconvnet.inference.modes`)."""
+    gauss_sxy: float               # smoothness kernel: position std, pixels
+    gauss_compat: float            # smoothness kernel weight
+    bilateral_sxy: float           # appearance kernel: position std, pixels
+    bilateral_srgb: float          # appearance kernel: colour std, 0-255 units
+    bilateral_compat: float        # appearance kernel weight
+    iterations: int                # mean-field steps; 10 in the release and in DeepLab
+    kernel: str                    # a key of KERNELS (module docstring)
+    normalization: str             # a key of NORMALIZATIONS
+    unary_clip: float | None       # floor of p before -log p; None: unclipped, as the release
     max_side: int | None = None    # run at most this longer side (module docstring); None: full
 
     def __post_init__(self) -> None:
-        if self.kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {sorted(KERNELS)}, got {self.kernel!r}")
-        if self.normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {sorted(NORMALIZATIONS)}, "
-                             f"got {self.normalization!r}")
-        if self.unary_clip is not None and not 0 < self.unary_clip < 1:
-            raise ValueError(f"unary_clip must be in (0, 1) or None, got {self.unary_clip}")
-        if self.iterations < 0:
-            raise ValueError(f"iterations must be >= 0, got {self.iterations}")
-        if self.max_side is not None and self.max_side < 1:
-            raise ValueError(f"max_side must be >= 1 or None, got {self.max_side}")
+        problems = Problems(self)
+        problems.one_of("kernel", sorted(KERNELS))
+        problems.one_of("normalization", sorted(NORMALIZATIONS))
+        problems.check("unary_clip", self.unary_clip is None or 0 < self.unary_clip < 1, "must be in (0, 1) or None")
+        problems.at_least("iterations", 0)
+        problems.at_least("max_side", 1, none_ok=True)
+        problems.raise_any()
 
 
 CRF_PRESETS: dict[str, CRFConfig] = {
@@ -87,25 +86,35 @@ CRF_PRESETS: dict[str, CRFConfig] = {
     # Gaussian xy 3 / weight 3, bilateral xy 20, rgb 3, weight 5, 10 iterations, unary
     # -log(prob_map) unclipped; johannesu/meanfield-matlab (Densecrf.m, include/densecrf_mex.cpp):
     # NO_NORMALIZATION, CONST_KERNEL.
-    "paper": CRFConfig(),
+    "paper": CRFConfig(gauss_sxy=3, gauss_compat=3, bilateral_sxy=20, bilateral_srgb=3, bilateral_compat=5,
+                       iterations=10, kernel="const", normalization="none", unary_clip=None),
     # DeepLab's published defaults, weight/std: pos 3/1, bilateral 4/67/3
     # (pos_w=3, pos_xy_std=1, bi_w=4, bi_xy_std=67, bi_rgb_std=3). Kernel,
     # normalisation and unary clip are pydensecrf's defaults.
-    "deeplab": CRFConfig(gauss_sxy=1, gauss_compat=3, bilateral_sxy=67, bilateral_srgb=3,
-                         bilateral_compat=4, kernel="diag", normalization="symmetric",
-                         unary_clip=1e-5),
+    "deeplab": CRFConfig(gauss_sxy=1, gauss_compat=3, bilateral_sxy=67, bilateral_srgb=3, bilateral_compat=4,
+                         iterations=10, kernel="diag", normalization="symmetric", unary_clip=1e-5),
 }
 
 
-def crf_config(preset: str = "paper", **overrides: float | int | None) -> CRFConfig:
+def crf_config(preset: str, **overrides: float | int | None) -> CRFConfig:
     """A preset from `CRF_PRESETS` with any of its fields replaced."""
     if preset not in CRF_PRESETS:
         raise ValueError(f"unknown CRF preset {preset!r}; choose one of {sorted(CRF_PRESETS)}")
     return dataclasses.replace(CRF_PRESETS[preset], **overrides)
 
 
-def dense_crf(image: np.ndarray, probs: np.ndarray,
-              config: CRFConfig = CRFConfig()) -> tuple[np.ndarray, np.ndarray]:
+def label_map(image: np.ndarray | None, probs: np.ndarray, crf: CRFConfig | None) -> tuple[np.ndarray, float]:
+    """The last step of inference, the one place it is chosen: (C, H, W)
+    probabilities -> ((H, W) uint8 labels, their mean confidence), through the
+    dense CRF on the (H, W, 3) uint8 `image`, or, with `crf` None, the argmax
+    of `probs` and its mean probability (no image needed)."""
+    if crf is None:
+        return probs.argmax(0).astype(np.uint8), float(probs.max(0).mean())
+    labels, confidence = dense_crf(image, probs, crf)
+    return labels, float(confidence.mean())
+
+
+def dense_crf(image: np.ndarray, probs: np.ndarray, config: CRFConfig) -> tuple[np.ndarray, np.ndarray]:
     """Refine class probabilities with a dense CRF.
 
     image: (H, W, 3) uint8 RGB. probs: (C, H, W) probabilities summing to 1

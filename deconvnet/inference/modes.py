@@ -1,10 +1,12 @@
-"""Inference modes: the one place that says what `original` and `default` mean.
+"""Inference modes: the one place that says what `original` and `default` mean,
+and the one place inference defaults are written (`MODE_TABLE`).
 
-    from deconvnet.inference import inference_configs
-    cfg = inference_configs("original", edge_model="model.yml.gz", crf="paper")
+    from deconvnet.inference import for_mode
+    from deconvnet.inference.crf import label_map
+    cfg = for_mode("original", edge_model="model.yml.gz")
     boxes = propose(image, cfg.proposals, storage_options)
     probs = Segmenter.from_model_dir(uri, cfg.segmenter).probabilities([image], [boxes])[0]
-    labels, conf = dense_crf(image, probs, cfg.crf) if cfg.crf else labels_and_confidence(probs)
+    labels, mean_confidence = label_map(image, probs, cfg.crf)  # the CRF, or argmax when cfg.crf is None
 
 `original` is what the authors' release does (HyeonwooNoh/DeconvNet
 inference/generate_EDeconvNet_CRF_results.m, inference/util/preprocess_image_bb.m;
@@ -32,76 +34,148 @@ are normalised (NORMALIZE_SYMMETRIC, DIAG_KERNEL, p clipped at 1e-5:
 pydensecrf's defaults) with the preset's stds and weights. On tests/test_crf.py's
 coarse map the normalised "paper" CRF reaches IoU 0.998 where the release's
 unnormalised one reaches 0.973.
+
+Everyone who runs inference builds its configs here: the segment job, both
+command lines (their flags' defaults are read from the table), training's
+evaluation (default mode, so its val mean IoU is the segment job's) and
+training's stage-2 proposals. A `ProposalConfig` or `SegmenterConfig` built
+directly takes what it is not given from the default mode's row too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
+from typing import Any
 
-from .crf import CRFConfig, crf_config
-from .proposals import ProposalConfig
+from .crf import CRF_PRESETS, CRFConfig, crf_config
+from .proposals import PROPOSAL_METHODS, ProposalConfig
 from .segmenter import SegmenterConfig
 
 INFERENCE_MODES = ("default", "original")
+NO_CRF = "none"  # the `crf` setting that runs no CRF (argmax of the merged map)
+
+# The mode table. `default` sets every default inference has, `original` only
+# what the release does otherwise (its values are fixed: `for_mode` refuses
+# others). "crf" is the CRF preset (or "none"); "crf_rules" what the mode
+# changes in the preset, not inherited: `original` runs the preset as it is.
+# Fields of the configs that no mode sets (enlarge, max_side, input_size,
+# dtype, the CRF's stds and weights, ...) are the configs' own defaults.
+MODE_TABLE: dict[str, dict[str, Any]] = {
+    "default": {
+        "proposals": dict(max_proposals=50, min_side=16, min_side_enlarged=False, whole_image=True, dedupe=True),
+        "segmenter": dict(batch_size=32, aggregate="max", merge="softmax", pad="mean", ensemble="mean"),
+        "crf": "paper",
+        "crf_rules": dict(kernel="diag", normalization="symmetric", unary_clip=1e-5),
+    },
+    "original": {
+        "proposals": dict(min_side=112, min_side_enlarged=True, whole_image=False, dedupe=False,
+                          candidates=1000),  # EdgeBoxes: enough boxes for 50 to pass 112 px
+        "segmenter": dict(aggregate="max", merge="raw", pad="black", ensemble="relu-product"),
+        "crf_rules": {},
+    },
+}
+
+# The settings a run chooses: the segment job's config fields and both command
+# lines' flags of these names (--max-proposals, ...), passed to `for_mode`.
+RUN_SETTINGS = ("proposals", "edge_model", "max_proposals", "aggregate", "ensemble", "crf", "crf_max_side",
+                "batch_size")
+
+_PROPOSAL_FIELDS = {f.name for f in dataclasses.fields(ProposalConfig)}
+_SEGMENTER_FIELDS = {f.name for f in dataclasses.fields(SegmenterConfig)}
+_CRF_FIELDS = {f.name for f in dataclasses.fields(CRFConfig)}
 
 
 @dataclass(frozen=True)
-class InferenceConfigs:
-    """Everything one mode fixes: proposals, segmenter, CRF (None: no CRF)."""
+class InferenceConfig:
+    """Everything one mode fixes: proposals, segmenter, CRF (None: no CRF, argmax)."""
     mode: str
     proposals: ProposalConfig
     segmenter: SegmenterConfig
     crf: CRFConfig | None
 
 
-# The fields each mode sets. Everything else (proposal method, max_proposals,
-# batch size, CRF preset and max_side, ...) is the caller's choice in both.
-_MODE_FIELDS = {
-    "original": {
-        "proposals": dict(min_side=112, min_side_enlarged=True, whole_image=False, dedupe=False,
-                          candidates=1000),  # EdgeBoxes: enough boxes for 50 to pass 112 px
-        "segmenter": dict(aggregate="max", merge="raw", pad="black", ensemble="relu-product"),
-        "crf": {},  # the preset as it is
-    },
-    "default": {
-        "proposals": dict(min_side=16, min_side_enlarged=False, whole_image=True, dedupe=True),
-        "segmenter": dict(merge="softmax", pad="mean"),
-        "crf": dict(kernel="diag", normalization="symmetric", unary_clip=1e-5),
-    },
-}
+def mode_row(mode: str = "default") -> dict[str, Any]:
+    """A mode's whole row of the table: the default row with the mode's own on top."""
+    if mode not in INFERENCE_MODES:
+        raise ValueError(f"`inference` must be one of {', '.join(INFERENCE_MODES)}, got {mode!r}")
+    base, own = MODE_TABLE["default"], MODE_TABLE[mode]
+    return {**base, **own, "proposals": {**base["proposals"], **own["proposals"]},
+            "segmenter": {**base["segmenter"], **own["segmenter"]}}
 
 
-def inference_configs(mode: str = "default", *, proposals: str | None = None, max_proposals: int = 50,
-                      edge_model: str | None = None, batch_size: int = 32, aggregate: str | None = None,
-                      ensemble: str | None = None, crf: str = "paper", crf_max_side: int | None = None,
-                      **segmenter_fields) -> InferenceConfigs:
+def fixed_by(mode: str) -> dict[str, Any]:
+    """The proposal and segmenter fields a mode other than `default` fixes
+    (the release's rules), with their values; `for_mode` refuses others."""
+    own = MODE_TABLE[mode]
+    return {} if mode == "default" else {**own["proposals"], **own["segmenter"]}
+
+
+def fill_defaults(config: ProposalConfig | SegmenterConfig, section: str) -> None:
+    """Give a config built directly (not by `for_mode`) the default mode's
+    value of each field of `section` ("proposals" or "segmenter") left None."""
+    for name, value in MODE_TABLE["default"][section].items():
+        if getattr(config, name) is None:
+            object.__setattr__(config, name, value)  # frozen: this is part of its construction
+
+
+def setting(name: str, mode: str = "default") -> Any:
+    """What `for_mode(mode)` uses for one of its settings (`max_proposals`,
+    `batch_size`, `crf`, ...) when it is not given; None when no mode sets it."""
+    row = mode_row(mode)
+    return row["crf"] if name == "crf" else row["proposals"].get(name, row["segmenter"].get(name))
+
+
+def for_mode(mode: str = "default", **overrides: Any) -> InferenceConfig:
     """The proposal, segmenter and CRF configs of one inference mode.
 
-    mode: "default" or "original" (module docstring). proposals: a proposal
-    method; None = "edgeboxes" when `edge_model` is given, else "grid".
-    aggregate, ensemble: None = the mode's ("max"; "mean" or, in original,
-    "relu-product"); `original` accepts no other. crf: a CRF preset or "none".
-    segmenter_fields: other SegmenterConfig fields (dtype, channels_last, ...).
+    mode: "default" or "original" (module docstring). overrides, each None =
+    the mode's: `proposals` (the proposal method; by default "edgeboxes" when
+    `edge_model` is given, else "grid"), `crf` (a CRF preset or "none"),
+    `crf_<field>` (a CRFConfig field, e.g. `crf_max_side`), and any other
+    ProposalConfig or SegmenterConfig field (`max_proposals`, `batch_size`,
+    `aggregate`, `ensemble`, `edge_model`, `dtype`, ...). In `original` the
+    fields its row sets are the release's and cannot be changed.
+    ValueError names the setting at fault in backquotes.
     """
-    if mode not in INFERENCE_MODES:
-        raise ValueError(f"inference must be one of {INFERENCE_MODES}, got {mode!r}")
-    fields = _MODE_FIELDS[mode]
-    method = proposals or ("edgeboxes" if edge_model else "grid")
-    proposal_config = ProposalConfig(method=method, max_proposals=max_proposals, edge_model=edge_model,
-                                     **fields["proposals"])
-    seg = dict(aggregate=aggregate or "max", ensemble=ensemble or "mean")
-    for name, value in (("aggregate", aggregate), ("ensemble", ensemble)):
-        fixed = fields["segmenter"].get(name)
-        if value is not None and fixed is not None and value != fixed:
-            raise ValueError(f"`{name}`: inference 'original' uses {fixed!r} (the release's), got {value!r}; "
-                             f"use inference 'default' for other rules")
-    seg.update(fields["segmenter"])
-    for name in seg:
-        if name in segmenter_fields:
-            raise ValueError(f"{name}: set by the inference mode or its own argument, not segmenter_fields")
-    segmenter_config = SegmenterConfig(batch_size=batch_size, **seg, **segmenter_fields)
-    crf_cfg = None
-    if crf != "none":
-        crf_cfg = dataclasses.replace(crf_config(crf, max_side=crf_max_side), **fields["crf"])
-    return InferenceConfigs(mode, proposal_config, segmenter_config, crf_cfg)
+    row = mode_row(mode)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    proposals, segmenter, crf_fields = dict(row["proposals"]), dict(row["segmenter"]), {}
+    preset = given.pop("crf", row["crf"])
+    if "proposals" in given:
+        proposals["method"] = given.pop("proposals")
+    fixed = fixed_by(mode)
+    problems = []
+    for name, value in given.items():
+        if name in fixed and value != fixed[name]:
+            problems.append(f"`inference` {mode}: `{name}`: inference {mode!r} uses {fixed[name]!r} "
+                            f"(the release's), got {value!r}; use inference 'default' for other rules")
+        elif name in _PROPOSAL_FIELDS:
+            proposals[name] = value
+        elif name in _SEGMENTER_FIELDS:
+            segmenter[name] = value
+        elif name.startswith("crf_") and name[4:] in _CRF_FIELDS:
+            crf_fields[name[4:]] = value
+        else:
+            problems.append(f"`{name}` is not an inference setting")
+    if proposals.get("method", "grid") not in PROPOSAL_METHODS:  # the config would call it `method`
+        problems.append(f"`proposals` must be one of {', '.join(sorted(PROPOSAL_METHODS))}, "
+                        f"got {proposals.pop('method')!r}")
+    if preset != NO_CRF and preset not in CRF_PRESETS:
+        problems.append(f"`crf` must be one of {', '.join([*sorted(CRF_PRESETS), NO_CRF])}, got {preset!r}")
+
+    def build(make, rename=lambda message: message):
+        try:
+            return make()
+        except ValueError as e:
+            problems.append(rename(str(e)))
+
+    config = InferenceConfig(
+        mode, build(lambda: ProposalConfig(**proposals)), build(lambda: SegmenterConfig(**segmenter)),
+        None if preset == NO_CRF or preset not in CRF_PRESETS else build(
+            lambda: dataclasses.replace(crf_config(preset), **row["crf_rules"], **crf_fields),
+            lambda message: re.sub(r"`(\w+)`", r"`crf_\1`", message)))  # here CRF fields are crf_<field>
+    if problems:
+        raise ValueError("; ".join(problems))
+    return config

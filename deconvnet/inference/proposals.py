@@ -46,21 +46,25 @@ from typing import Any
 import numpy as np
 
 from .. import storage
+from ..checks import Problems
 from ..data.geometry import enlarge_boxes, integer_boxes
 from ..data.imageio import downscale
 
 
 @dataclass(frozen=True)
 class ProposalConfig:
-    method: str = "grid"             # a key of PROPOSAL_METHODS; grid needs no model file
-    max_proposals: int = 50          # the release processes 50 boxes per image
+    """What `propose` does. A field left None takes the default mode's value
+    (`deconvnet.inference.modes.MODE_TABLE`, the one place they are written)."""
+    method: str | None = None        # a key of PROPOSAL_METHODS; None: edgeboxes with `edge_model`, else grid
+    max_proposals: int | None = None  # boxes kept per image (the release processes 50)
     enlarge: float = 1.2             # each box grows 1.2x around its centre (the paper's training crops)
-    # Smaller boxes would be magnified more than 14x to the network's 224 px:
-    # they carry no context and would take the place of real objects.
-    min_side: int = 16
-    min_side_enlarged: bool = False  # measure min_side on the enlarged box (the release) not the generator's
-    whole_image: bool = True         # append the whole image so every pixel is covered (the release does not)
-    dedupe: bool = True              # drop repeated boxes (the release keeps them; each takes a slot)
+    # Boxes with a side under min_side go: smaller ones would be magnified more
+    # than 14x to the network's 224 px, carry no context and would take the
+    # place of real objects.
+    min_side: int | None = None
+    min_side_enlarged: bool | None = None  # measure min_side on the enlarged box (the release) not the generator's
+    whole_image: bool | None = None  # append the whole image so every pixel is covered (the release does not)
+    dedupe: bool | None = None       # drop repeated boxes (the release keeps them; each takes a slot)
     candidates: int | None = None    # boxes EdgeBoxes is asked for; None: 2 x max_proposals
     # Selective search and EdgeBoxes see the image downscaled to this longer
     # side (None: full size); their cost grows with the pixel count, and
@@ -69,23 +73,23 @@ class ProposalConfig:
     edge_model: str | None = None    # structured-edge model (path or URI) for `edgeboxes`
 
     def __post_init__(self) -> None:
-        if self.method not in PROPOSAL_METHODS:
-            raise ValueError(f"unknown proposal method {self.method!r}; "
-                             f"choose one of {sorted(PROPOSAL_METHODS)}")
+        from .modes import fill_defaults  # modes imports this module
+
+        fill_defaults(self, "proposals")
+        if self.method is None:
+            object.__setattr__(self, "method", "edgeboxes" if self.edge_model else "grid")
+        problems = Problems(self)
+        problems.one_of("method", sorted(PROPOSAL_METHODS))
         if self.method == "edgeboxes" and not self.edge_model:
-            raise ValueError("proposal method 'edgeboxes' needs a structured-edge model: pass `edge_model` "
-                             "(the path or URI of OpenCV's model.yml.gz), or use the 'grid' or "
-                             "'selective-search' method, which need no model file")
-        if self.max_proposals < 0:
-            raise ValueError(f"max_proposals must be >= 0, got {self.max_proposals}")
-        if self.enlarge <= 0:
-            raise ValueError(f"enlarge must be > 0, got {self.enlarge}")
-        if self.min_side < 1:
-            raise ValueError(f"min_side must be >= 1, got {self.min_side}")
-        if self.max_side is not None and self.max_side < 1:
-            raise ValueError(f"max_side must be >= 1 or None, got {self.max_side}")
-        if self.candidates is not None and self.candidates < 1:
-            raise ValueError(f"candidates must be >= 1 or None, got {self.candidates}")
+            problems.add("proposal method 'edgeboxes' needs a structured-edge model: pass `edge_model` "
+                         "(the path or URI of OpenCV's model.yml.gz), or use the 'grid' or "
+                         "'selective-search' method, which need no model file")
+        problems.at_least("max_proposals", 0)
+        problems.check("enlarge", self.enlarge > 0, "must be > 0")
+        problems.at_least("min_side", 1)
+        problems.at_least("max_side", 1, none_ok=True)
+        problems.at_least("candidates", 1, none_ok=True)
+        problems.raise_any()
 
     @property
     def smallest_box(self) -> float:

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import Problems
 from ..data.geometry import integer_boxes
 from ..weights import ModelInfo, load_model_dir
 
@@ -53,31 +54,33 @@ ENSEMBLES = ("mean", "product", "relu-product")
 
 @dataclass(frozen=True)
 class SegmenterConfig:
-    batch_size: int = 32  # proposals per forward; bounds activation memory
+    """How the segmenter crops, batches and merges. A field left None takes the
+    default mode's value (`deconvnet.inference.modes.MODE_TABLE`)."""
+    batch_size: int | None = None  # proposals per forward; bounds activation memory
     input_size: int = 224  # the network's proposal size, as trained
-    aggregate: str = "max"  # "max" (the paper, from zeros) or "mean" over covering proposals
-    merge: str = "softmax"  # what is merged: each proposal's "softmax", or "raw" scores (the release)
-    pad: str = "mean"  # outside the image: the "mean" colour, or "black" (0 before the mean, the release)
-    ensemble: str = "mean"  # with FCN-8s: "mean" (the paper's text), "product" or "relu-product" (the release)
+    aggregate: str | None = None  # "max" (the paper, from zeros) or "mean" over covering proposals
+    merge: str | None = None  # what is merged: each proposal's "softmax", or "raw" scores (the release)
+    pad: str | None = None  # outside the image: the "mean" colour, or "black" (0 before the mean, the release)
+    ensemble: str | None = None  # with FCN-8s: "mean" (the paper's text), "product" or "relu-product" (the release)
     dtype: str = "auto"  # "auto" = bf16 on CUDA, fp32 on CPU; or "fp32" / "bf16"
     channels_last: bool | None = None  # None = on for CUDA
 
     def __post_init__(self):
-        if self.aggregate not in AGGREGATES:
-            raise ValueError(f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
-        if self.merge not in MERGES:
-            raise ValueError(f"merge must be one of {MERGES}, got {self.merge!r}")
-        if self.pad not in PADS:
-            raise ValueError(f"pad must be one of {PADS}, got {self.pad!r}")
-        if self.ensemble not in ENSEMBLES:
-            raise ValueError(f"ensemble must be one of {ENSEMBLES}, got {self.ensemble!r}")
+        from .modes import fill_defaults  # modes imports this module
+
+        fill_defaults(self, "segmenter")
+        problems = Problems(self)
+        problems.one_of("aggregate", AGGREGATES)
+        problems.one_of("merge", MERGES)
+        problems.one_of("pad", PADS)
+        problems.one_of("ensemble", ENSEMBLES)
         if self.ensemble == "relu-product" and self.merge != "raw":
-            raise ValueError("ensemble 'relu-product' multiplies raw scores: it needs merge='raw', "
-                             f"got merge={self.merge!r}")
-        if self.dtype not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"dtype must be auto, fp32 or bf16, got {self.dtype!r}")
-        if self.batch_size < 1 or self.input_size % 32:
-            raise ValueError("batch_size must be >= 1 and input_size a multiple of 32")
+            problems.add(f"`ensemble` 'relu-product' multiplies raw scores: it needs `merge` 'raw', "
+                         f"got {self.merge!r}")
+        problems.one_of("dtype", ("auto", "fp32", "bf16"))
+        problems.at_least("batch_size", 1)
+        problems.check("input_size", self.input_size % 32 == 0, "must be a multiple of 32")
+        problems.raise_any()
 
 
 def normalise(pixels: torch.Tensor, info: ModelInfo) -> torch.Tensor:
@@ -116,12 +119,6 @@ def crop_boxes(image: torch.Tensor, boxes: np.ndarray, size: int,
     out = F.grid_sample(image[None], grid.reshape(1, len(b) * size, size, 2).to(image.dtype),
                         mode="bilinear", padding_mode="zeros", align_corners=False)  # (1, 3, K*size, size)
     return out.reshape(3, len(b), size, size).transpose(0, 1)  # (K, 3, size, size)
-
-
-def labels_and_confidence(probs: np.ndarray) -> tuple[np.ndarray, float]:
-    """(C, H, W) probabilities -> (H, W) uint8 argmax and its mean probability
-    (the label map when no CRF runs)."""
-    return probs.argmax(0).astype(np.uint8), float(probs.max(0).mean())
 
 
 class MergedMap:
@@ -176,11 +173,11 @@ class Segmenter:
     """A loaded model that turns images and their proposals into merged maps.
     Used as is by the CLI and inside the pipeline's GPU actors."""
 
-    def __init__(self, model: nn.Module, info: ModelInfo, config: SegmenterConfig = SegmenterConfig(),
+    def __init__(self, model: nn.Module, info: ModelInfo, config: SegmenterConfig | None = None,
                  device: str | torch.device | None = None,
                  fcn: tuple[nn.Module, ModelInfo] | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.config = config
+        self.config = config = config or SegmenterConfig()  # None: the default mode's
         self.info = info
         cuda = self.device.type == "cuda"
         self.dtype = {"auto": torch.bfloat16 if cuda else torch.float32,
@@ -194,12 +191,12 @@ class Segmenter:
             if fcn_info.classes != info.classes:
                 raise ValueError(f"FCN-8s classes {fcn_info.classes} differ from DeconvNet's {info.classes}")
             if fcn_info.config.arch != "fcn8s":
-                raise ValueError(f"--fcn-model must be an FCN-8s model, got arch {fcn_info.config.arch!r}")
+                raise ValueError(f"`fcn_model` must be an FCN-8s model, got arch {fcn_info.config.arch!r}")
             self.fcn = fcn_model.eval().to(self.device, memory_format=fmt)
             self.fcn_info = fcn_info
 
     @classmethod
-    def from_model_dir(cls, uri: str, config: SegmenterConfig = SegmenterConfig(),
+    def from_model_dir(cls, uri: str, config: SegmenterConfig | None = None,
                        device: str | torch.device | None = None, fcn_uri: str | None = None,
                        storage_options=None) -> Segmenter:
         model, info = load_model_dir(uri, storage_options=storage_options)

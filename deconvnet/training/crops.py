@@ -11,7 +11,8 @@ authors' training data layers in HyeonwooNoh/caffe `window_seg_data_layer`).
   class) pair is repeated about max_count / count times, where count is how
   many training images hold that class (`class_balanced_entries`), and its
   crop centres on an object of that class.
-- Stage 2: crops of object proposals (`deconvnet.inference.proposals`) whose box overlaps
+- Stage 2: crops of object proposals (the default inference mode's,
+  `TrainConfig.stage2_proposals`) whose box overlaps
   a ground-truth object's box with IoU >= 0.5, every class labelled. The IoU is
   taken before the proposal's 1.2x enlargement, and the crop is the enlarged
   box, exactly the view the segmenter gives the network at inference. An image
@@ -47,7 +48,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ..data.geometry import Instance, enlarge_boxes, find_instances, integer_boxes, matching_proposals, object_labels
-from ..inference.proposals import ProposalConfig, propose
+from ..inference.proposals import propose
 from ..inference.segmenter import normalise
 from ..data.voc import IGNORE_INDEX, VocDataset, VocSample
 from ..weights import ModelInfo
@@ -121,8 +122,7 @@ class CropDataset(Dataset):
         self.entries = (np.stack([np.arange(len(voc)), np.full(len(voc), ANY_CLASS)], axis=1)
                         if entries is None else np.asarray(entries, np.int64))  # (E, 2)
         self.num_classes = info.config.num_classes
-        self.proposal_config = ProposalConfig(method=config.proposals, max_proposals=config.max_proposals,
-                                              enlarge=1.0)  # IoU before enlargement; see module docstring
+        self.proposal_config = config.stage2_proposals()  # unenlarged: IoU before enlargement (module docstring)
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -9,11 +9,12 @@ and boxes), `deconvnet.training.crops` (the two stages' crops, augmentation, cla
 balance, the sample stream) and `deconvnet.training.rundir` (checkpoints and everything
 else under <storage>/<name>/).
 
-Evaluation (`evaluate`) runs the exported model's own inference path: the
-`Segmenter` over `propose()` boxes (the segment job's default: grid, top 50
-plus the whole image, max-merged), then argmax, on whole val images at their
-own size. So the val mean IoU is the number the segment job's labels would
-score on the same images with the same proposals and `--crf none`.
+Evaluation (`evaluate`) runs the exported model's own inference path with
+the segment job's default inference mode (`deconvnet.inference.for_mode`:
+its proposals, top N plus the whole image, its merge), then argmax, on whole
+val images at their own size. So the val mean IoU is the number the segment
+job's labels would score on the same images with the same proposals and
+`--crf none`.
 """
 
 from __future__ import annotations
@@ -30,10 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import storage
+from ..checks import Problems
+from ..inference.crf import label_map
+from ..inference.modes import NO_CRF, InferenceConfig, for_mode
+from ..inference.proposals import PROPOSAL_METHODS, ProposalConfig, propose
+from ..inference.segmenter import Segmenter
 from ..metrics import ConfusionMatrix
 from ..model import PRESETS, build_model, preset
-from ..inference.proposals import PROPOSAL_METHODS, ProposalConfig, propose
-from ..inference.segmenter import Segmenter, SegmenterConfig
 from ..data.voc import IGNORE_INDEX, VOC_CLASSES, VocDataset
 from ..weights import ModelInfo, load_model_dir
 
@@ -84,9 +88,11 @@ class TrainConfig:
     resize: int = 250  # crops are resized to this before the random input_size crop
     enlarge: float = 1.2  # object boxes and proposals grow 1.2x around their centre
     iou_threshold: float = 0.5  # stage 2: proposal box vs object box
-    proposals: str = "grid"  # stage-2 and evaluation proposals; grid needs no model file
-    max_proposals: int = 50  # stage-2 candidates per image, as inference's top 50
-    eval_max_proposals: int = 50  # the segment job's default, so val mIoU is its number
+    # Stage-2 and evaluation proposals: the default inference mode's, so val mIoU is the
+    # segment job's number. None: the mode's (its method without an edge model: grid).
+    proposals: str | None = None
+    max_proposals: int | None = None  # stage-2 candidates per image; None: the mode's top N
+    eval_max_proposals: int | None = None  # val proposals per image; None: the mode's, as the segment job
     # Objects whose tight box is narrower than this would be magnified more
     # than 28x to the 224 input: no context left, nothing to learn from.
     min_object_side: int = 8
@@ -98,55 +104,63 @@ class TrainConfig:
 
     def __post_init__(self):
         """Raise ValueError naming the fields, with a message a user can act on."""
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ValueError(message)
+        problems = Problems(self)
+        problems.one_of("preset", sorted(RECIPES))
+        problems.check("name", bool(self.name) and all(c.isalnum() or c in "._-" for c in self.name)
+                       and self.name[0] != ".", "must be letters, digits, '.', '_' or '-'")
+        if self.init is None and not self.random_encoder and self.preset == "paper":
+            problems.add("a 'paper' run needs an ImageNet encoder: give `init` a model directory made with "
+                         "`python -m deconvnet init --vgg16 ...` or `convert-caffe --kind vgg16`, "
+                         "or set `random_encoder` to train from a random encoder on purpose")
+        problems.at_least("num_workers", 0)
+        problems.at_least("batch_size", 1)
+        problems.at_least("micro_batch_size", 1, none_ok=True)
+        if self.batch_size >= 1 and (self.micro_batch_size or 1) >= 1:
+            if self.batch_size % self.world_size:
+                problems.add(f"`batch_size` {self.batch_size} does not split evenly over {self.world_size} workers")
+            # fc6's output is 1x1 per crop, so its BatchNorm needs 2 crops per forward to train.
+            elif self.crops_per_forward < 2:
+                problems.add(f"a forward needs at least 2 crops (BatchNorm after fc6 sees one value per crop), "
+                             f"got {self.crops_per_forward} (`micro_batch_size` {self.micro_batch_size}, "
+                             f"`batch_size` {self.batch_size} over {self.world_size} workers)")
+            elif self.per_rank % self.crops_per_forward:
+                problems.add(f"`micro_batch_size` {self.crops_per_forward} does not divide the per-worker batch "
+                             f"{self.per_rank} (`batch_size` {self.batch_size} over {self.world_size} workers)")
+        if not (self.stage1_steps >= 0 and self.stage2_steps >= 0 and self.total_steps >= 1):
+            problems.add(f"`stage1_steps` and `stage2_steps` must be >= 0 with a positive sum, "
+                         f"got {self.stage1_steps} and {self.stage2_steps}")
+        problems.check("lr", math.isfinite(self.lr) and self.lr > 0, "must be > 0")
+        problems.check("momentum", 0 <= self.momentum < 1, "must be in [0, 1)")
+        problems.at_least("weight_decay", 0)
+        problems.check("bias_lr_mult", self.bias_lr_mult > 0, "must be > 0")
+        problems.at_least("stage1_lr_step", 1)
+        problems.at_least("stage2_lr_step", 1)
+        problems.check("lr_gamma", 0 < self.lr_gamma <= 1, "must be in (0, 1]")
+        problems.at_least("eval_every", 1)
+        problems.at_least("log_every", 1)
+        if not (self.input_size % 32 == 0 and 32 <= self.input_size <= self.resize):
+            problems.add(f"`input_size` must be a multiple of 32 and <= `resize`, got {self.input_size} "
+                         f"and {self.resize}")
+        problems.check("enlarge", self.enlarge >= 1, "must be >= 1")
+        problems.check("iou_threshold", 0 < self.iou_threshold <= 1, "must be in (0, 1]")
+        problems.one_of("proposals", TRAINING_PROPOSALS, none_ok=True)
+        problems.at_least("max_proposals", 0, none_ok=True)
+        problems.at_least("eval_max_proposals", 0, none_ok=True)
+        problems.at_least("loader_workers", 0)
+        problems.check("max_failures", self.max_failures >= -1, "must be >= -1 (-1: no limit)")
+        problems.at_least("keep_checkpoints", 1)
+        problems.raise_any()
 
-        need(self.preset in RECIPES, f"`preset` must be one of {sorted(RECIPES)}, got {self.preset!r}")
-        need(bool(self.name) and all(c.isalnum() or c in "._-" for c in self.name) and self.name[0] != ".",
-             f"`name` must be letters, digits, '.', '_' or '-', got {self.name!r}")
-        need(self.init is not None or self.random_encoder or self.preset != "paper",
-             "a 'paper' run needs an ImageNet encoder: give `init` a model directory made with "
-             "`python -m deconvnet init --vgg16 ...` or `convert-caffe --kind vgg16`, "
-             "or set `random_encoder` to train from a random encoder on purpose")
-        need(self.num_workers >= 0, f"`num_workers` must be >= 0, got {self.num_workers}")
-        need(self.batch_size >= 1, f"`batch_size` must be >= 1, got {self.batch_size}")
-        need(self.batch_size % self.world_size == 0,
-             f"`batch_size` {self.batch_size} does not split evenly over {self.world_size} workers")
-        need(self.micro_batch_size is None or self.micro_batch_size >= 1,
-             f"`micro_batch_size` must be >= 1, got {self.micro_batch_size}")
-        # fc6's output is 1x1 per crop, so its BatchNorm needs 2 crops per forward to train.
-        need(self.crops_per_forward >= 2,
-             f"a forward needs at least 2 crops (BatchNorm after fc6 sees one value per crop), got "
-             f"{self.crops_per_forward} (`micro_batch_size` {self.micro_batch_size}, `batch_size` "
-             f"{self.batch_size} over {self.world_size} workers)")
-        need(self.per_rank % self.crops_per_forward == 0,
-             f"`micro_batch_size` {self.crops_per_forward} does not divide the per-worker batch "
-             f"{self.per_rank} (`batch_size` {self.batch_size} over {self.world_size} workers)")
-        need(self.stage1_steps >= 0 and self.stage2_steps >= 0 and self.total_steps >= 1,
-             f"`stage1_steps` and `stage2_steps` must be >= 0 with a positive sum, "
-             f"got {self.stage1_steps} and {self.stage2_steps}")
-        need(math.isfinite(self.lr) and self.lr > 0, f"`lr` must be > 0, got {self.lr}")
-        need(0 <= self.momentum < 1, f"`momentum` must be in [0, 1), got {self.momentum}")
-        need(self.weight_decay >= 0, f"`weight_decay` must be >= 0, got {self.weight_decay}")
-        need(self.bias_lr_mult > 0, f"`bias_lr_mult` must be > 0, got {self.bias_lr_mult}")
-        need(self.stage1_lr_step >= 1 and self.stage2_lr_step >= 1,
-             f"`stage1_lr_step` and `stage2_lr_step` must be >= 1, got {self.stage1_lr_step} "
-             f"and {self.stage2_lr_step}")
-        need(0 < self.lr_gamma <= 1, f"`lr_gamma` must be in (0, 1], got {self.lr_gamma}")
-        need(self.eval_every >= 1, f"`eval_every` must be >= 1, got {self.eval_every}")
-        need(self.log_every >= 1, f"`log_every` must be >= 1, got {self.log_every}")
-        need(self.input_size % 32 == 0 and 32 <= self.input_size <= self.resize,
-             f"`input_size` must be a multiple of 32 and <= `resize`, got {self.input_size} and {self.resize}")
-        need(self.enlarge >= 1, f"`enlarge` must be >= 1, got {self.enlarge}")
-        need(0 < self.iou_threshold <= 1, f"`iou_threshold` must be in (0, 1], got {self.iou_threshold}")
-        need(self.proposals in TRAINING_PROPOSALS,
-             f"`proposals` must be one of {list(TRAINING_PROPOSALS)}, got {self.proposals!r}")
-        need(self.max_proposals >= 0, f"`max_proposals` must be >= 0, got {self.max_proposals}")
-        need(self.eval_max_proposals >= 0, f"`eval_max_proposals` must be >= 0, got {self.eval_max_proposals}")
-        need(self.loader_workers >= 0, f"`loader_workers` must be >= 0, got {self.loader_workers}")
-        need(self.max_failures >= -1, f"`max_failures` must be >= -1 (-1: no limit), got {self.max_failures}")
-        need(self.keep_checkpoints >= 1, f"`keep_checkpoints` must be >= 1, got {self.keep_checkpoints}")
+    def evaluation(self) -> InferenceConfig:
+        """Val inference: the segment job's default mode with `crf` none on
+        `proposals` and `eval_max_proposals` (None: the mode's), so val mean
+        IoU is the number its labels would score on the same images."""
+        return for_mode("default", proposals=self.proposals, max_proposals=self.eval_max_proposals, crf=NO_CRF)
+
+    def stage2_proposals(self) -> ProposalConfig:
+        """Stage-2 candidates: the default mode's proposals, `max_proposals` of
+        them, unenlarged (the IoU is taken before the enlargement: crops.py)."""
+        return for_mode("default", proposals=self.proposals, max_proposals=self.max_proposals, enlarge=1.0).proposals
 
     @property
     def world_size(self) -> int:
@@ -176,10 +190,14 @@ class TrainConfig:
         return 1 if step < self.stage1_steps else 2
 
     def record(self) -> dict[str, Any]:
-        """JSON-able, secrets redacted: what the run's config.json records."""
+        """JSON-able, secrets redacted: what the run's config.json records, with
+        the proposal settings as the inference mode fills them in."""
         d = dataclasses.asdict(self)
         d["storage_options"] = storage.redact(self.storage_options)
         d["extra_train_lists"] = list(self.extra_train_lists)
+        evaluation = self.evaluation().proposals
+        d.update(proposals=evaluation.method, eval_max_proposals=evaluation.max_proposals,
+                 max_proposals=self.stage2_proposals().max_proposals)
         return d
 
 
@@ -322,26 +340,27 @@ def init_matches_preset(info: ModelInfo, preset_name: str) -> bool:
 
 # --------------------------------------------------------------- evaluation
 
-def evaluate(model: nn.Module, dataset: VocDataset, info: ModelInfo, proposals: ProposalConfig,
+def evaluate(model: nn.Module, dataset: VocDataset, info: ModelInfo, inference: InferenceConfig,
              device: torch.device | str = "cpu", indices: Sequence[int] | None = None,
-             images_per_batch: int = 4, batch_size: int = 32) -> ConfusionMatrix:
+             images_per_batch: int = 4) -> ConfusionMatrix:
     """Confusion matrix of the model's labels on (some of) a VOC dataset.
 
-    The labels are the segment job's with `--crf none`: the `Segmenter` over
-    `propose(image, proposals)`, max-merged at each image's own size, argmax.
+    The labels are the segment job's with the same inference config
+    (`TrainConfig.evaluation`: default mode, no CRF): the `Segmenter` over
+    `propose()` boxes, merged at each image's own size, then `label_map`.
     Restores the model's train/eval mode afterwards; channels_last is left off
     so a training model's memory format is not changed.
     """
     was_training = model.training
-    seg = Segmenter(model, info, SegmenterConfig(batch_size=batch_size, channels_last=False), device)
+    seg = Segmenter(model, info, dataclasses.replace(inference.segmenter, channels_last=False), device)
     cm = ConfusionMatrix(info.config.num_classes)
     order = list(range(len(dataset)) if indices is None else indices)
     for start in range(0, len(order), images_per_batch):
         samples = [dataset.load(i) for i in order[start: start + images_per_batch]]
         images = [s.image for s in samples]
-        probs = seg.probabilities(images, [propose(im, proposals) for im in images])  # (C, H, W) each
-        for p, s in zip(probs, samples):
-            cm.update(p.argmax(0), s.classes)
+        probs = seg.probabilities(images, [propose(im, inference.proposals) for im in images])  # (C, H, W) each
+        for image, p, s in zip(images, probs, samples):
+            cm.update(label_map(image, p, inference.crf)[0], s.classes)
     model.train(was_training)
     return cm
 

@@ -178,6 +178,7 @@ def write_results(config: TrainConfig, state: TrainState, cm: ConfusionMatrix,
 def export_model(model: nn.Module, info: ModelInfo, config: TrainConfig, state: TrainState) -> ModelInfo:
     """Write the trained model directory to --export, with its provenance."""
     last = state.evals[-1] if state.evals else {}
+    val = config.evaluation().proposals
     provenance = {
         "created": now_iso(), "created_by": "jobs/train.py", "run_name": config.name,
         "data": config.data, "extra_train_lists": list(config.extra_train_lists),
@@ -185,7 +186,7 @@ def export_model(model: nn.Module, info: ModelInfo, config: TrainConfig, state: 
         "steps": state.step, "stage1_steps": config.stage1_steps, "stage2_steps": config.stage2_steps,
         "batch_size": config.batch_size, "val_mean_iou": last.get("mean_iou"),
         "val_pixel_accuracy": last.get("pixel_accuracy"),
-        "val_proposals": f"{config.proposals} top {config.eval_max_proposals} + whole image",
+        "val_proposals": f"{val.method} top {val.max_proposals}" + (" + whole image" if val.whole_image else ""),
         "encoder_init": info.provenance.get("encoder_init"),
     }
     out = dataclasses.replace(info, provenance=provenance, model_id="")
