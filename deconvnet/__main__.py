@@ -17,7 +17,7 @@ import sys
 import numpy as np
 
 from . import storage
-from .cli import add_inference_flags, add_storage_option_arg, config_error, storage_options_from
+from .cli import add_flags, add_inference_flags, add_storage_option_arg, config_error, flag, storage_options_from
 
 
 def read_classes(args, parser, opts) -> tuple[str, ...] | None:
@@ -80,8 +80,7 @@ def cmd_segment(args, parser) -> int:
         image = decode_image(storage.read_bytes(args.image, opts))
         boxes = propose(image, cfg.proposals, opts)  # reads --edge-model with the storage options
     except (FileNotFoundError, ValueError) as e:  # BadImage is a ValueError
-        kind = "image" if isinstance(e, BadImage) else "error"
-        parser.error(f"{kind}: {config_error(e, args.flag_of)}")
+        parser.error(("image: " if isinstance(e, BadImage) else "") + config_error(e, args.flag_of))
     probs = segmenter.probabilities([image], [boxes])[0]  # (C, H, W)
     labels, confidence = label_map(image, probs, cfg.crf)
     palette = segmenter.info.palette_array()
@@ -106,7 +105,7 @@ def cmd_convert_caffe(args, parser) -> int:
         done = convert_caffemodel(args.weights, args.out, kind=args.kind, classes=classes,
                                   bn_mode=args.bn_mode, seed=args.seed, storage_options=opts)
     except (FileNotFoundError, IsADirectoryError, ValueError) as e:  # one line, nothing written
-        what = f"no such file {e.filename or e}" if isinstance(e, OSError) else str(e)
+        what = f"no such file {e.filename or e}" if isinstance(e, OSError) else config_error(e, args.flag_of)
         print(f"{parser.prog}: error: {' '.join(what.split())}", file=sys.stderr)
         return 2
     n = sum(int(np.prod(v.shape)) for k, v in done.state.items() if ".bn." not in k)
@@ -120,6 +119,7 @@ def cmd_convert_caffe(args, parser) -> int:
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     """The command line and its subcommands."""
+    from .caffe.convert import BN_MODES, KINDS
     from .model import PRESETS
 
     parser = argparse.ArgumentParser(prog="python -m deconvnet", description=__doc__.split("\n\n")[0])
@@ -147,14 +147,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     p = sub.add_parser("convert-caffe", help="a model directory from the authors' Caffe weights (.caffemodel)")
     p.add_argument("weights", help=".caffemodel path or URI (DeconvNet, FCN-8s or VGG16)")
     p.add_argument("--out", required=True, help="model directory URI to write")
-    p.add_argument("--kind", choices=("deconvnet", "fcn8s", "vgg16"), help="default: told from the layer names")
-    p.add_argument("--classes", help="text file of class names, one per line (default: PASCAL VOC's 21)")
-    p.add_argument("--bn-mode", choices=("inference", "learn"),
-                   help="what DeconvNet's BN blobs hold, when the file cannot tell: folded scale/shift "
-                        "(inference model) or learned gamma/beta (training snapshot)")
-    p.add_argument("--seed", type=int, default=0, help="--kind vgg16: seed of the decoder's initialisation")
-    add_storage_option_arg(p)
-    p.set_defaults(func=cmd_convert_caffe)
+    flag_of = add_flags(p, [
+        flag("--kind", choices=KINDS, help="default: told from the layer names"),
+        flag("--classes", help="text file of class names, one per line (default: PASCAL VOC's 21)"),
+        flag("--bn-mode", choices=BN_MODES,
+             help="what DeconvNet's BN blobs hold, when the file cannot tell: folded scale/shift "
+                  "(inference model) or learned gamma/beta (training snapshot)"),
+        flag("--seed", type=int, default=0, help="--kind vgg16: seed of the decoder's initialisation"),
+    ])
+    flag_of.update(add_storage_option_arg(p))
+    p.set_defaults(func=cmd_convert_caffe, flag_of=flag_of)
     return parser, sub
 
 

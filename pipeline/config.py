@@ -82,9 +82,6 @@ class SegmentJobConfig:
         the inference settings it gives on top."""
         return for_mode(self.inference, **{name: getattr(self, name) for name in RUN_SETTINGS})
 
-    # pipeline/job.py still calls it by its old name; drop this once it calls inference_config().
-    inference_configs = inference_config
-
     def record(self) -> dict[str, Any]:
         """The config as written to runs/<id>.json: secrets redacted, and each
         inference setting left to the mode as the mode sets it."""

@@ -89,9 +89,9 @@ def label(ds: ray.data.Dataset, cfg: SegmentJobConfig, info: ModelInfo, run_id: 
     else:  # one actor per GPU up now (at least one); one CPU actor without GPUs
         lo = hi = max(1, int(gpus // cfg.gpus_per_actor)) if on_gpu else 1
     actor_resources = {"num_gpus": cfg.gpus_per_actor} if on_gpu else {"num_cpus": cfg.cpus_per_actor or 1}
-    with_crf = cfg.crf != "none"
+    inference = cfg.inference_config()  # proposals, segmenter and CRF of --inference
+    with_crf = inference.crf is not None
     remote = _remote_env()
-    inference = cfg.inference_configs()  # proposals, segmenter and CRF of --inference
     # Reading and decoding wait on storage as much as they compute: half a CPU
     # each (writing too). The different request also keeps Ray from fusing them
     # into the segment actor, where they would stall the model.
