@@ -14,6 +14,7 @@ its peak RSS and time:
                  summary as they come (what write_gallery does)
 
 The two summaries must agree (images, ok, errors, pixels, the sample).
+Appends the figures as a JSON line to bench/results/gallery.json.
 """
 
 from __future__ import annotations
@@ -129,6 +130,11 @@ def main() -> None:
         print(f"{how:12s} peak RSS {r['peak_rss_mib']:,} MiB ({r['rss_after_imports_mib']} MiB after imports), "
               f"{r['seconds']} s, {r['summary'][0]:,} images")
     assert results[0]["summary"] == results[1]["summary"], "the two summaries differ"
+    out = ROOT / "bench" / "results" / "gallery.json"
+    out.parent.mkdir(exist_ok=True)
+    with open(out, "a") as f:
+        f.write(json.dumps({"rows": a.rows, "batch_rows": a.batch_rows, "date": time.strftime("%Y-%m-%d"),
+                            "results": [{k: v for k, v in r.items() if k != "summary"} for r in results]}) + "\n")
 
 
 if __name__ == "__main__":
