@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import threading
 
 from deconvnet import storage
 from deconvnet.cli import (Flag, add_flags, add_storage_option_arg, config_error, flag, inference_flags,
@@ -125,16 +126,25 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    from pipeline.job import JobFailed, run
+    from pipeline.job import JobFailed, JobStopped, StopRequest, run
 
     # RAY_ADDRESS (set by `ray job submit`) joins the cluster; without it, an
     # embedded local Ray starts, whose workers inherit this environment.
     ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True)
+    # After ray.init, which sets its own SIGTERM handler: `ray job stop`, SIGTERM and
+    # Ctrl-C flush what finished and record `stopped` (exit 128 + the signal's number).
+    stop = StopRequest().install() if threading.current_thread() is threading.main_thread() else None
     try:
-        record = run(cfg)
+        record = run(cfg, stop=stop)
+    except JobStopped as e:
+        print(f"segment_dataset: {e}", file=sys.stderr)
+        return 128 + e.signal
     except JobFailed as e:
         print(f"segment_dataset: {e}", file=sys.stderr)
         return 1
+    finally:
+        if stop:
+            stop.restore()
     c = record["counts"]
     print(f"done: {c['ok']} ok, {c['error']} errors, {c['skipped']} skipped of {c['seen']} images "
           f"in {record['seconds']:.1f} s ({record['images_per_second'] or 0:.2f} images/s)")

@@ -5,8 +5,9 @@
 
 and Parquet parts written by the driver as results stream back. The driver
 holds no list of the input: its memory does not grow with the bucket. Every
-resource setting of the job (batch sizes, GPUs, pool sizes, CRF parallelism)
-is here.
+resource setting of the job (batch sizes, GPUs, pool sizes, CRF parallelism,
+the CRF's node type: CRF_RESOURCE) is here, and what a stop request (SIGTERM,
+Ctrl-C: StopRequest) does to a run.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import ray
@@ -28,15 +31,75 @@ from . import gallery, layout, rows, stages
 from .config import SegmentJobConfig
 from .listing import LISTING_CPUS, Tally, list_todo
 from .predictions.compaction import compact, needs_compaction
-from .predictions.parts import iter_rows, latest_rows, read_predictions
+from .predictions.parts import iter_latest, iter_rows
 from .predictions.writer import PredictionWriter
 
 BLOCK_BYTES = 256 * 2**10  # Ray Data's block target: see listed()
 STREAMING_BUFFER_BLOCKS = 64  # blocks a task may yield ahead of its consumer: see listed()
+# The custom resource of the nodes meant for the CRF (ray_cluster.yaml's CPU node type
+# advertises one per CPU): the CRF stage asks for one when the cluster has such nodes.
+CRF_RESOURCE = "crf"
 
 
 class JobFailed(RuntimeError):
     """The run stopped; what finished is recorded in runs/<run_id>.json."""
+
+
+class JobStopped(JobFailed):
+    """The run was asked to stop (SIGTERM, SIGINT): it flushed what it had, recorded
+    `stopped`. `signal` is the signal's number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signal = signum
+
+
+class Stopped(KeyboardInterrupt):
+    """Raised in the driver's main thread by StopRequest while it waits for results."""
+
+
+class StopRequest:
+    """SIGTERM and SIGINT (`ray job stop`, Ctrl-C) as a request to stop a run.
+
+    `install()` makes it the handler of both. A signal that comes while run()
+    waits for results (inside `waiting()`) raises Stopped there; one that comes
+    while the driver writes a part or its record only marks the request, and the
+    run stops at its next wait. Either way run() then writes the rows it has
+    received, records `stopped` and raises JobStopped. A second signal is
+    handled as it was before install(): a second Ctrl-C or SIGTERM ends the
+    process at once, its record left `running`."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._waiting = False
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> StopRequest:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def restore(self) -> None:
+        """The handlers as they were before install()."""
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        self.signum = signum
+        self.restore()  # the next signal is not ours to soften
+        if self._waiting:
+            raise Stopped(signal.Signals(signum).name)
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Around a wait that a stop request may cut short."""
+        if self.signum is not None:
+            raise Stopped(signal.Signals(self.signum).name)
+        self._waiting = True
+        try:
+            yield
+        finally:
+            self._waiting = False
 
 
 def plan(cfg: SegmentJobConfig, info: ModelInfo, run_id: str, tally, stage_fns=stages) -> ray.data.Dataset:
@@ -117,13 +180,27 @@ def label(ds: ray.data.Dataset, cfg: SegmentJobConfig, info: ModelInfo, run_id: 
     write_resources: dict[str, Any] = {"num_cpus": 0.5}
     if with_crf:
         write_resources = {"num_cpus": 1, "compute": ray.data.TaskPoolStrategy(size=cfg.crf_cpus)
-                           if cfg.crf_cpus else None}
+                           if cfg.crf_cpus else None, **crf_node_resources()}
         ds = ds.map_batches(stage_fns.refine, batch_size=1, **write_resources, **remote,
                             fn_kwargs={"crf": inference.crf})
     ds = ds.map_batches(stage_fns.write, batch_size=cfg.images_per_batch, **write_resources, **remote, fn_kwargs={
         "output": cfg.output, "num_classes": info.config.num_classes, "palette": info.palette_array(),
         "model_id": info.model_id, "run_id": run_id, "storage_options": opts})
     return ds
+
+
+def crf_node_resources() -> dict[str, Any]:
+    """What keeps the CRF (and the write fused with it) off the GPU nodes, whose CPUs
+    read and decode for the GPUs: one CRF_RESOURCE per task when a node has it now or
+    the autoscaler's node types (as KubeRay reports them) include one; nothing when
+    none does (a laptop, the embedded Ray, a cluster without such nodes): any CPU."""
+    if ray.cluster_resources().get(CRF_RESOURCE, 0) > 0:
+        return {"resources": {CRF_RESOURCE: 1}}
+    try:  # Ray Data reads the autoscaler's node types the same way; None without them
+        limits = ray._private.state.state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # noqa: BLE001 - a private API: without it, only the nodes up now count
+        limits = {}
+    return {"resources": {CRF_RESOURCE: 1}} if limits.get(CRF_RESOURCE) else {}
 
 
 def _remote_env() -> dict[str, Any]:
@@ -133,10 +210,13 @@ def _remote_env() -> dict[str, Any]:
     return {"runtime_env": {"env_vars": env}} if env else {}
 
 
-def run(cfg: SegmentJobConfig, log: Callable[[str], None] = print, stage_fns=stages) -> dict[str, Any]:
+def run(cfg: SegmentJobConfig, log: Callable[[str], None] = print, stage_fns=stages,
+        stop: StopRequest | None = None) -> dict[str, Any]:
     """Run the job; returns the run record (also written to runs/<run_id>.json).
     Raises FileNotFoundError / ValueError for a bad model before any work starts
-    (the command line also checks the input), and JobFailed when the run breaks off."""
+    (the command line also checks the input), JobFailed when the run breaks off,
+    and JobStopped when `stop` (or a KeyboardInterrupt) ends it: see StopRequest."""
+    stop = stop or StopRequest()
     opts = cfg.storage_options
     info = read_model_info(cfg.model, opts)
     run_id = layout.new_run_id()
@@ -154,9 +234,15 @@ def run(cfg: SegmentJobConfig, log: Callable[[str], None] = print, stage_fns=sta
         write_json(record_uri, record, opts)  # "running": a killed run stays visible as one
         if needs_compaction(cfg.output, opts):  # before the done-set is read: few parts to read
             # In a task: the compactor holds up to compaction.MAX_ROWS rows, the driver stays small.
-            record["compaction"] = ray.get(ray.remote(compact).options(num_cpus=1, **_remote_env()).remote(
-                cfg.output, opts))
-        for batch in plan(cfg, info, run_id, tally, stage_fns).iter_batches(batch_size=None, batch_format="numpy"):
+            with stop.waiting():
+                record["compaction"] = ray.get(ray.remote(compact).options(num_cpus=1, **_remote_env()).remote(
+                    cfg.output, opts))
+        batches = iter(plan(cfg, info, run_id, tally, stage_fns).iter_batches(batch_size=None, batch_format="numpy"))
+        while True:
+            with stop.waiting():  # a stop request cuts the wait short: nothing half-added
+                batch = next(batches, None)
+            if batch is None:
+                break
             writer.add(rows.table_from_batch(batch, info.classes))
         writer.flush()
         _count_listing(record, tally)
@@ -165,21 +251,25 @@ def run(cfg: SegmentJobConfig, log: Callable[[str], None] = print, stage_fns=sta
         if cfg.gallery:
             record["counts"].update(writer.counts)
             # In a task too: the page summarises every image's latest row.
-            record["gallery_uri"] = ray.get(ray.remote(write_gallery).options(num_cpus=1, **_remote_env()).remote(
-                cfg, info, record))
+            with stop.waiting():
+                record["gallery_uri"] = ray.get(ray.remote(write_gallery).options(
+                    num_cpus=1, **_remote_env()).remote(cfg, info, record))
         record["status"] = "completed"
+    except KeyboardInterrupt as e:  # Stopped, or a plain Ctrl-C where no StopRequest is installed
+        signum = stop.signum or signal.SIGINT
+        record["status"], record["stopped_by"] = "stopped", signal.Signals(signum).name
+        _flush_what_finished(record, writer, log)
+        _count_listing(record, tally, timeout=2)  # quickly: `ray job stop` kills after a few seconds
+        raise JobStopped(f"run {run_id} stopped by {record['stopped_by']} after "
+                         f"{writer.counts['ok'] + writer.counts['error']} images ({len(writer.parts)} Parquet "
+                         "parts saved); the next incremental run labels the rest", signum) from e
     except Exception as e:
         record["status"], record["error"] = "failed", failure(e)
-        try:
-            writer.flush()  # what finished stays finished: the next incremental run skips it
-        except Exception as flush_error:  # storage down: those rows are redone next run
-            record["unsaved_rows"] = writer.pending
-            log(f"could not write the last {writer.pending} rows: {type(flush_error).__name__}: {flush_error}")
+        _flush_what_finished(record, writer, log)
         _count_listing(record, tally)
         raise JobFailed(f"run {run_id} failed after {writer.counts['ok'] + writer.counts['error']} images "
                         f"({len(writer.parts)} Parquet parts saved): {record['error']}") from e
     finally:
-        ray.kill(tally)
         elapsed = time.perf_counter() - t0
         record["counts"].update(writer.counts)
         record.update(ended=now_iso(), seconds=round(elapsed, 3), prediction_parts=writer.parts,
@@ -193,13 +283,26 @@ def run(cfg: SegmentJobConfig, log: Callable[[str], None] = print, stage_fns=sta
             if record["status"] == "completed":
                 raise JobFailed(f"run {run_id} labelled everything but could not write its record: "
                                 f"{type(e).__name__}: {e}") from e
+        try:  # after the record: a stopped run has seconds before `ray job stop` kills it
+            ray.kill(tally)
+        except Exception:  # noqa: BLE001 - Ray itself going down (Ctrl-C reaches its processes too)
+            pass
     return record
 
 
-def _count_listing(record: dict[str, Any], tally) -> None:
+def _flush_what_finished(record: dict[str, Any], writer: PredictionWriter, log: Callable[[str], None]) -> None:
+    """The rows received, written: what finished stays finished, the next incremental run skips it."""
+    try:
+        writer.flush()
+    except Exception as flush_error:  # storage down: those rows are redone next run
+        record["unsaved_rows"] = writer.pending
+        log(f"could not write the last {writer.pending} rows: {type(flush_error).__name__}: {flush_error}")
+
+
+def _count_listing(record: dict[str, Any], tally, timeout: float = 60) -> None:
     """The listing's counts (seen, skipped) and times, from its tally actor."""
     try:
-        listed = ray.get(tally.totals.remote(), timeout=60)
+        listed = ray.get(tally.totals.remote(), timeout=timeout)
     except Exception:  # noqa: BLE001 - the run's own error matters more; counts stay as they were
         return
     record["counts"].update(seen=int(listed["seen"]), skipped=int(listed["skipped"]))
@@ -233,9 +336,10 @@ def failure(e: BaseException) -> str:
 
 def write_gallery(cfg: SegmentJobConfig, info: ModelInfo, run: dict[str, Any]) -> str:
     """index.html over every image under the output (the latest row of each), so the
-    page shows the whole output even after a run that labelled nothing new."""
-    rows = latest_rows(read_predictions(cfg.output, list(gallery.COLUMNS), cfg.storage_options))
-    summary = gallery.summarize(iter_rows(rows), cfg.gallery_size)
+    page shows the whole output even after a run that labelled nothing new. The rows
+    stream by in bounded batches (parts.iter_latest): memory does not grow with them."""
+    latest = iter_latest(cfg.output, list(gallery.COLUMNS), cfg.storage_options)
+    summary = gallery.summarize((r for table in latest for r in iter_rows(table)), cfg.gallery_size)
     page = gallery.render(summary, output=cfg.output, classes=info.classes, palette=info.palette_array(), run=run)
     uri = layout.gallery_uri(cfg.output)
     storage.write_bytes(uri, page.encode("utf-8", "replace"), cfg.storage_options)

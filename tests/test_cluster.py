@@ -7,7 +7,8 @@ machine (tests/clusterutil.py):
   server on 127.0.0.1, its own `--temp-dir` under pytest's tmp;
 - "gpu": `--num-gpus 1` and 1 CPU (there is no GPU: torch in the segment actor
   falls back to CPU, as it does on any node without CUDA);
-- "cpu": `--num-cpus 2`, where the CRF tasks must go.
+- "cpu": `--num-cpus 2` and the resources ray_cluster.yaml's CPU node type
+  advertises (the "crf" one per CPU), where the CRF tasks must go.
 
 Object storage is the session's moto S3 server on 127.0.0.1; every node gets
 AWS_ENDPOINT_URL and the test credentials in its environment, as a real node
@@ -24,14 +25,23 @@ import time
 import uuid
 
 import pytest
-from clusterutil import LocalCluster
+import yaml
+from clusterutil import ROOT, LocalCluster
 
 from deconvnet import storage
 from deconvnet.data import synthetic
+from pipeline.job import CRF_RESOURCE
 from test_faults import assert_one_ok_row_and_mask_per_input, upload_scenes
 from test_pipeline import predictions, run_records
 
 SUBMIT_TIMEOUT = 240
+
+
+def cpu_node_resources(cpus: int) -> dict[str, int]:
+    """The custom resources of ray_cluster.yaml's CPU node type, scaled to `cpus` CPUs."""
+    config = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+    resources = config["available_node_types"]["cpu"]["resources"]
+    return {k: v * cpus // resources["CPU"] for k, v in resources.items() if k not in ("CPU", "GPU")}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +53,7 @@ def cluster(s3_endpoint, tmp_path_factory):
     try:
         c.start_head(num_cpus=0)
         c.add_node(num_cpus=1, num_gpus=1)
-        c.add_node(num_cpus=2)
+        c.add_node(num_cpus=2, resources=cpu_node_resources(2))
         nodes = c.wait_for_nodes(3)
         assert len(nodes) == 3, f"nodes up: {nodes}"
         c.head = next(n.node_id for n in nodes if n.is_head_node)
@@ -147,9 +157,10 @@ def test_segment_job_runs_actors_on_the_gpu_node_and_crf_tasks_on_the_cpu_node(c
         assert a.required_resources.get("GPU") == 1, a.required_resources
     for a in seen["actors"]:  # nothing else of the job holds the GPU
         assert not a.required_resources.get("GPU") or a in actors, (a.class_name, a.required_resources)
-    for t in crf:
+    for t in crf:  # every time: they ask for the "crf" resource only the CPU node has
         assert t.node_id == cluster.cpu, f"CRF task {t.name} on {t.node_id}, not the CPU node {cluster.cpu}"
         assert not t.required_resources.get("GPU") and t.required_resources.get("CPU") == 1
+        assert t.required_resources.get(CRF_RESOURCE) == 1, t.required_resources
     # The CRF is scaled out over CPU workers (DESIGN.md), not run for the whole input in one
     # task: 6 images in batches of 2 are several tasks that can run side by side.
     assert len(crf) >= 2, f"the CRF of all 6 images ran in {len(crf)} task: {[t.name for t in crf]}"
@@ -199,7 +210,7 @@ def test_train_job_with_two_workers_finishes(cluster, bucket):
 # --- 4. `ray job stop`, then the next incremental run finishes the rest -----------------------
 
 
-def test_a_stopped_job_leaves_a_running_record_and_the_next_run_finishes_the_rest(cluster, bucket):
+def test_a_stopped_job_records_stopped_and_the_next_run_finishes_the_rest(cluster, bucket):
     # One CRF at a time on images this size: a second or more per image after the first
     # Parquet part, which leaves `ray job stop` the time it needs to start on a busy machine.
     n = 12
@@ -228,10 +239,13 @@ def test_a_stopped_job_leaves_a_running_record_and_the_next_run_finishes_the_res
     assert stop.returncode == 0, stop.stdout + stop.stderr
     assert job_info(cluster, "segment-stopped").status == "STOPPED"
 
+    info = job_info(cluster, "segment-stopped")
     (record,) = run_records(output)
-    assert record["status"] == "running"  # it never finished, and says so
+    # SIGTERM: it wrote what it had and said so before Ray's SIGKILL, 3 s later.
+    assert record["status"] == "stopped" and record["stopped_by"] == "SIGTERM", (record, info)
     stopped_rows = predictions(output)
     assert 0 < len(stopped_rows) < n, "the job was not stopped mid-run"
+    assert record["counts"]["ok"] == len(stopped_rows)  # none left unwritten in its buffer
 
     p = submit(cluster, "segment-rerun", *argv, "--incremental")  # the scheduled command: every CPU for the CRF
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]

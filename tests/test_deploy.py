@@ -21,6 +21,7 @@ import yaml
 
 from deconvnet.training.recipe import TrainConfig
 from pipeline.config import SegmentJobConfig
+from pipeline.job import CRF_RESOURCE
 from jobs import segment_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +66,9 @@ def test_worker_types_carry_what_the_jobs_ask_for():
         # 0 is fine: the scheduled segment job passes --device gpu, which asks for GPUs.
     for t in cpu:
         assert t["resources"]["CPU"] >= 1  # a CRF task takes 1 CPU
+        assert t["resources"][CRF_RESOURCE] == t["resources"]["CPU"]  # and one "crf": one task per CPU
+    for t in gpu:
+        assert CRF_RESOURCE not in t["resources"]  # the CRF never competes with reading for the GPUs
     for t in WORKERS.values():
         assert 0 <= t["min_workers"] <= t["max_workers"]
     assert sum(t["max_workers"] for t in WORKERS.values()) <= CLUSTER["max_workers"]
@@ -209,6 +213,8 @@ def test_kuberay_rayjob_runs_the_incremental_job_on_gpu_and_cpu_workers():
     gpu_limits = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert int(gpu_limits["nvidia.com/gpu"]) >= _default(SegmentJobConfig, "gpus_per_actor")
     assert "nvidia.com/gpu" not in groups["cpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    cpus = int(groups["cpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+    assert json.loads(json.loads(groups["cpu"]["rayStartParams"]["resources"])) == {CRF_RESOURCE: cpus}
     for g in groups.values():
         assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
     for path, value in _walk(job):

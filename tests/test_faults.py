@@ -129,6 +129,13 @@ def test_a_killed_crf_task_is_retried_and_nothing_is_lost(ray_session, s3_bucket
     assert_one_ok_row_and_mask_per_input(images, output)
 
 
+def _parts(output: str) -> list[str]:
+    try:
+        return storage.list_files(layout.predictions_uri(output), [layout.PART_SUFFIX])
+    except FileNotFoundError:
+        return []
+
+
 def test_a_killed_job_rerun_incrementally_finishes_without_duplicates(ray_session, s3_bucket, tiny_model):
     images = upload_scenes(s3_bucket, 16)
     output = storage.join(s3_bucket, "labels")
@@ -139,14 +146,8 @@ def test_a_killed_job_rerun_incrementally_finishes_without_duplicates(ray_sessio
     driver = subprocess.Popen([sys.executable, "jobs/segment_dataset.py", *argv], cwd=ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
-    def parts() -> list[str]:
-        try:
-            return storage.list_files(layout.predictions_uri(output), [layout.PART_SUFFIX])
-        except FileNotFoundError:
-            return []
-
     try:
-        assert wait_for(lambda: len(parts()) >= 1 or driver.poll() is not None, timeout=180)
+        assert wait_for(lambda: len(_parts(output)) >= 1 or driver.poll() is not None, timeout=180)
     finally:
         driver.send_signal(signal.SIGKILL)
         driver.wait()
@@ -163,6 +164,43 @@ def test_a_killed_job_rerun_incrementally_finishes_without_duplicates(ray_sessio
     assert result["counts"]["skipped"] == len(killed_rows)
     assert result["counts"]["ok"] == 16 - len(killed_rows)
     assert_one_ok_row_and_mask_per_input(images, output)
+
+
+def test_a_stopped_job_writes_what_it_received_records_stopped_and_the_rerun_labels_the_rest(
+        ray_session, s3_bucket, tiny_model):
+    n = 16
+    images = upload_scenes(s3_bucket, n)
+    output = storage.join(s3_bucket, "labels")
+    # Parts of 4 rows and batches of 2: at any time some rows wait in the driver's buffer.
+    argv = ["--input", images, "--output", output, "--model", tiny_model, "--crf", "none",
+            "--max-proposals", "8", "--images-per-batch", "2", "--part-rows", "4"]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    driver = subprocess.Popen([sys.executable, "jobs/segment_dataset.py", *argv], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: bool(_parts(output)) or driver.poll() is not None, timeout=180)
+        driver.send_signal(signal.SIGTERM)  # what `ray job stop` sends
+        _, err = driver.communicate(timeout=60)
+    finally:
+        driver.kill()
+    assert driver.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "stopped by SIGTERM" in err
+    (record,) = run_records(output)
+    assert record["status"] == "stopped" and record["stopped_by"] == "SIGTERM", record
+    stopped_rows = predictions(output)
+    assert 0 < len(stopped_rows) < n, "the driver was not stopped mid-run"
+    # Every row it had received is in a part (none left in its buffer), each whole.
+    assert record["counts"]["ok"] + record["counts"]["error"] == len(stopped_rows)
+    assert sorted(record["prediction_parts"]) == _parts(output)
+    for r in stopped_rows:
+        assert r["status"] == "ok" and r["run_id"] == record["run_id"]
+        assert decode_label_png(storage.read_bytes(r["mask_uri"])).shape == (r["height"], r["width"])
+
+    assert segment_dataset.main([*argv, "--incremental"]) == 0
+    rerun = next(r for r in run_records(output) if r["run_id"] != record["run_id"])
+    assert rerun["status"] == "completed"
+    assert rerun["counts"]["skipped"] == len(stopped_rows) and rerun["counts"]["ok"] == n - len(stopped_rows)
+    assert_one_ok_row_and_mask_per_input(images, output)  # each image exactly once: none lost, none twice
 
 
 # --- object storage faults -----------------------------------------------------------

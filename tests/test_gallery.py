@@ -22,7 +22,9 @@ from PIL import Image
 from deconvnet import storage
 from deconvnet.data.voc import VOC_CLASSES, voc_palette
 from pipeline import gallery, layout
-from pipeline.predictions.parts import latest_rows
+from pipeline.predictions.compaction import compact
+from pipeline.predictions.parts import iter_latest, latest_rows, read_predictions
+from pipeline.predictions.writer import PredictionWriter
 from pipeline.rows import SCHEMA
 from jobs import segment_dataset
 
@@ -93,6 +95,32 @@ def test_latest_rows_keep_the_latest_run_of_each_image():
     latest = latest_rows(table).to_pylist()
     assert [(r["image_uri"], round(r["mean_confidence"], 1)) for r in latest] == [
         ("s3://b/in/a.jpg", 0.9), ("s3://b/in/b.jpg", 0.8)]
+
+
+def test_latest_rows_in_bounded_batches_are_the_latest_rows_of_every_part(tmp_path):
+    """iter_latest, the gallery's reader: compacted and run parts, several runs, in
+    batches of about 25 rows; the same latest rows, each once, as reading them all."""
+    output = str(tmp_path / "out")
+    full = {f.name: f for f in SCHEMA}
+
+    def write_run(run_id: str, uris: list[str], rows_per_part: int) -> None:
+        writer = PredictionWriter(output, run_id, rows_per_part)
+        for i in range(0, len(uris), 10):
+            rs = [{**{k: None for k in SCHEMA.names}, **row(u, "ok" if j % 5 else "error", run_id=run_id),
+                   "mean_confidence": float(j)} for j, u in enumerate(uris[i:i + 10])]
+            writer.add(pa.Table.from_pylist(rs, schema=pa.schema(list(full.values()))))
+        writer.flush()
+
+    uris = [f"s3://b/in/{i:04d}.jpg" for i in range(300)]
+    write_run("20260101T000000Z-aaaaaa", uris[:200], 40)
+    compact(output, max_rows=120)  # sorted compacted parts, read by row group
+    write_run("20260102T000000Z-bbbbbb", uris[100:], 30)  # relabels 100 of them, adds 100
+    want = latest_rows(read_predictions(output, list(gallery.COLUMNS))).to_pylist()
+    batches = list(iter_latest(output, list(gallery.COLUMNS), batch_rows=25))
+    assert len(batches) >= 10 and max(t.num_rows for t in batches) < 60
+    got = sorted((r for t in batches for r in t.to_pylist()), key=lambda r: r["image_uri"])
+    assert got == want and len(got) == 300
+    assert {r["run_id"] for r in got if r["image_uri"] >= uris[100]} == {"20260102T000000Z-bbbbbb"}
 
 
 @contextlib.contextmanager

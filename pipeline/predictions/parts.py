@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +25,8 @@ from deconvnet import storage
 from .. import layout, rows
 
 REPLACES_KEY = b"deconvnet.replaces"  # a compacted part's footer: JSON list of the part names it replaces
+LATEST_BATCH_ROWS = 100_000  # rows iter_latest holds at once (about): see there
+MAX_SPILL_FILES = 512  # buckets iter_latest spills to at most (open files at once)
 
 
 @dataclass
@@ -70,6 +74,10 @@ def read_footer(uri: str, storage_options=None) -> pq.FileMetaData:
 def read_parts(parts: list[str], columns: list[str] | None, storage_options=None) -> list[pa.Table]:
     """The parts' tables (these columns, typed by the schema), read concurrently.
     A small part is one GET; a compacted one is read by ranges, only the columns asked for."""
+    return list(storage.read_concurrently(_part_reader(columns, storage_options), parts))
+
+
+def _part_reader(columns: list[str] | None, storage_options):
     schema = rows.columns(columns)
 
     def read(uri: str) -> pa.Table:
@@ -78,7 +86,7 @@ def read_parts(parts: list[str], columns: list[str] | None, storage_options=None
                 return pq.read_table(f, columns=columns).cast(schema)
         return pq.read_table(io.BytesIO(storage.read_bytes(uri, storage_options)), columns=columns).cast(schema)
 
-    return list(storage.read_concurrently(read, parts))
+    return read
 
 
 def with_visible_parts(output: str, read, storage_options=None, attempts: int = 5):
@@ -116,3 +124,57 @@ def iter_rows(table: pa.Table) -> Iterator[dict[str, Any]]:
     """The table's rows as dicts, a record batch at a time (not all at once)."""
     for batch in table.to_batches():
         yield from batch.to_pylist()
+
+
+def iter_latest(output: str, columns: list[str], storage_options=None,
+                batch_rows: int = LATEST_BATCH_ROWS) -> Iterator[pa.Table]:
+    """Every image's latest row (as `latest_rows`), these columns, in tables of
+    about `batch_rows` rows: memory depends on `batch_rows`, not on the row count.
+
+    The visible parts are read once, a part (a compacted one a row group) at a
+    time, only these columns, and each batch is spread by a hash of image_uri
+    over local spill files, enough of them (from the parts' footers) that each
+    holds about `batch_rows` rows (past MAX_SPILL_FILES * `batch_rows` rows,
+    more). Every row of an image lands in the same file; each file is then read
+    back and cut to its latest rows. Rows come in no particular order."""
+    import pandas as pd  # its hash is vectorised and stable
+
+    columns = list(dict.fromkeys([*columns, "image_uri", "run_id"]))
+    schema = rows.columns(columns)
+    with tempfile.TemporaryDirectory(prefix="latest-") as tmp:
+        def spill(parts: Parts) -> int:
+            for name in os.listdir(tmp):  # a retry (a part vanished) starts over
+                os.remove(os.path.join(tmp, name))
+            sizes = storage.read_concurrently(lambda u: read_footer(u, storage_options).num_rows, parts.all)
+            buckets = min(MAX_SPILL_FILES, max(1, -(-sum(sizes) // batch_rows)))
+            writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
+            try:
+                for batch in _part_batches(parts, columns, storage_options, batch_rows):
+                    batch = batch.cast(schema)
+                    uris = batch.column("image_uri").to_numpy(zero_copy_only=False)
+                    ids = pd.util.hash_array(uris) % buckets
+                    for b in np.unique(ids):
+                        if b not in writers:
+                            writers[b] = pa.ipc.new_file(os.path.join(tmp, f"{b}.arrow"), schema)
+                        writers[b].write_table(batch.filter(pa.array(ids == b)))
+            finally:
+                for w in writers.values():
+                    w.close()
+            return buckets
+
+        for b in range(with_visible_parts(output, spill, storage_options)):
+            path = os.path.join(tmp, f"{b}.arrow")
+            if os.path.exists(path):
+                with pa.memory_map(path) as f:
+                    yield latest_rows(pa.ipc.open_file(f).read_all())
+                os.remove(path)
+
+
+def _part_batches(parts: Parts, columns: list[str], storage_options, batch_rows: int) -> Iterator[pa.Table]:
+    """The parts' rows (these columns), a run part or a compacted part's row group at a time."""
+    # Run parts are small (rows_per_part rows), read a few at a time.
+    yield from storage.read_concurrently(_part_reader(columns, storage_options), parts.runs)
+    for uri in parts.compacted:
+        with storage.open_input(uri, storage_options) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns):
+                yield pa.Table.from_batches([batch])
