@@ -14,7 +14,8 @@ Run again with the same --output, it labels only what is new or changed
 (--incremental, the default). S3 endpoints and credentials come from the usual
 AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) or --storage-option.
 Exit codes: 0 done (errors are rows in the output), 1 the run failed (or
---fail-on-error and an input was bad), 2 a bad argument.
+--fail-on-error and an input was bad), 2 a bad argument, 143 / 130 stopped by
+SIGTERM (`ray job stop`) / Ctrl-C after recording what finished.
 """
 
 from __future__ import annotations
