@@ -29,6 +29,7 @@ pydensecrf can learn; inference starts them at 1, so all three filter alike.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -105,7 +106,7 @@ def build_lattice(features: torch.Tensor, batch: torch.Tensor | None = None) -> 
     diff = elevated - rem0  # (N, d+1)
     less = diff[:, :, None] < diff[:, None, :]  # less[i, j]: diff_i < diff_j
     upper = torch.ones(d + 1, d + 1, dtype=torch.bool, device=device).triu(1)
-    rank = ((less & upper).sum(dim=2) + (~less.transpose(1, 2) & upper.T).sum(dim=2))
+    rank = (less & upper).sum(dim=2) + (~less & upper).sum(dim=1)  # j > i: di < dj; j < i: dj >= di
     rank = rank + coord_sum[:, None]  # (N, d+1); back onto the plane where sum != 0
     wrap = (rank < 0).to(torch.int64) - (rank > d).to(torch.int64)
     rank = rank + wrap * (d + 1)
@@ -116,7 +117,8 @@ def build_lattice(features: torch.Tensor, batch: torch.Tensor | None = None) -> 
     v = (elevated - rem0) * down  # (N, d+1)
     by_rank = torch.empty_like(v).scatter_(1, rank, v)  # by_rank[:, r]: v of rank r
     weights = torch.empty_like(v)
-    weights[:, 1:] = by_rank.flip(1)[:, 1:] - by_rank.flip(1)[:, :-1]
+    flipped = by_rank.flip(1)  # flipped[:, p]: v of rank d-p
+    weights[:, 1:] = flipped[:, 1:] - flipped[:, :-1]
     weights[:, 0] = by_rank[:, d] + (1.0 - by_rank[:, 0])
 
     # Vertex keys: the first d coordinates of rem0 + canonical[r][rank]
@@ -141,9 +143,16 @@ def build_lattice(features: torch.Tensor, batch: torch.Tensor | None = None) -> 
     ones = int(stride.sum())  # the code of (1, ..., 1)
     codes = torch.stack([base + r * ones - (d + 1) * ((rank[:, :d] > d - r).to(torch.int64)
                                                       * stride).sum(dim=1)
-                         for r in range(d + 1)])  # (d+1, N)
-    keys, inverse = torch.unique(codes, sorted=True, return_inverse=True)
+                         for r in range(d + 1)], dim=1).reshape(-1)  # (N*(d+1),), point-major
+    # One sort gives the vertices (distinct codes), each pair's vertex, and the
+    # pairs grouped by vertex for the splat.
+    sorted_codes, order = torch.sort(codes, stable=True)
+    first = torch.ones_like(sorted_codes, dtype=torch.bool)
+    first[1:] = sorted_codes[1:] != sorted_codes[:-1]
+    keys = sorted_codes[first]
     m = keys.numel()
+    inverse = torch.empty_like(codes)
+    inverse[order] = torch.cumsum(first, 0) - 1  # (N*(d+1),) vertex of each pair
 
     # Neighbours along axis j: key - 1 except key[j] + d (n1), its mirror (n2),
     # so n2 is n1 inverted; for j = d every stored coordinate moves by -1 / +1.
@@ -157,16 +166,13 @@ def build_lattice(features: torch.Tensor, batch: torch.Tensor | None = None) -> 
         blur[j, :m, 1] = torch.where(hit, found, m)
         blur[j, found[hit], 2] = vertex[:m][hit]
 
-    # Splat as bags per vertex: the (point, remainder) pairs sorted by vertex.
-    flat = inverse.T.reshape(-1)  # (N*(d+1),), point-major
-    order = torch.argsort(flat, stable=True)
-    starts = torch.zeros(m + 1, dtype=torch.int64, device=device)
-    starts[1:] = torch.bincount(flat, minlength=m).cumsum(0)
+    # Splat as bags per vertex, then an empty bag for row M.
+    starts = torch.cat([first.nonzero()[:, 0], first.new_tensor([codes.numel()], dtype=torch.int64)])
     alpha = np.float32(1.0) / (np.float32(1.0) + np.float32(2.0) ** np.float32(-d))
     return Lattice(splat_points=order // (d + 1), splat_weights=weights.reshape(-1)[order],
                    splat_starts=starts, blur=blur,
                    blur_weights=torch.tensor([1.0, 0.5, 0.5], device=device).repeat(m + 1, 1),
-                   slice_vertices=inverse.T.contiguous(),
+                   slice_vertices=inverse.reshape(n, d + 1),
                    slice_weights=weights * float(alpha))
 
 
@@ -182,28 +188,27 @@ def lattice_filter(lattice: Lattice, values: torch.Tensor) -> torch.Tensor:
                            per_sample_weights=lattice.slice_weights)
 
 
-class _Kernel:
-    """One Gaussian pairwise term: its lattice, normalisation and Potts weight."""
-
-    def __init__(self, features: torch.Tensor, batch: torch.Tensor | None, weight: float,
-                 normalization: str):
-        self.lattice = build_lattice(features, batch)
-        self.weight, self.normalization = weight, normalization
-        if normalization not in ("none", "before", "after", "symmetric"):
-            raise ValueError(f"unknown `normalization` {normalization!r}")
-        self.norm = None
-        if normalization != "none":
-            ones = features.new_ones(features.shape[0], 1)
-            total = lattice_filter(self.lattice, ones).double() + 1e-20  # (N, 1), as densecrf
-            self.norm = (1.0 / (total.sqrt() if normalization == "symmetric" else total)).float()
-
-    def __call__(self, q: torch.Tensor) -> torch.Tensor:
-        if self.normalization in ("symmetric", "before"):
-            q = q * self.norm
-        out = lattice_filter(self.lattice, q)
-        if self.normalization in ("symmetric", "after"):
-            out = out * self.norm
-        return out
+def _pairwise(features: torch.Tensor, batch: torch.Tensor | None, weight: float,
+              normalization: str) -> Lattice:
+    """One Gaussian pairwise term as a lattice whose filter gives w K Q: the
+    normalisation's per-point factors and the Potts weight folded into the
+    splat and slice weights, so a mean-field step adds no pass over Q."""
+    if normalization not in ("none", "before", "after", "symmetric"):
+        raise ValueError(f"unknown `normalization` {normalization!r}")
+    lattice = build_lattice(features, batch)
+    pre = post = None
+    if normalization != "none":
+        ones = features.new_ones(features.shape[0], 1)
+        total = lattice_filter(lattice, ones)[:, 0].double() + 1e-20  # (N,), as densecrf
+        norm = (1.0 / (total.sqrt() if normalization == "symmetric" else total)).float()
+        pre = norm if normalization in ("symmetric", "before") else None
+        post = norm if normalization in ("symmetric", "after") else None
+    splat = lattice.splat_weights
+    if pre is not None:
+        splat = splat * pre[lattice.splat_points]
+    scale = weight if post is None else post[:, None] * weight
+    return dataclasses.replace(lattice, splat_weights=splat,
+                               slice_weights=lattice.slice_weights * scale)
 
 
 def _features(images: torch.Tensor, config: CRFConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,14 +239,15 @@ def mean_field(images: torch.Tensor, unary: torch.Tensor, config: CRFConfig,
     if b > 1:
         batch = torch.arange(b, device=unary.device).repeat_interleave(h * w)
     gauss, bilateral = _features(images, config)
-    kernels = [_Kernel(gauss, batch, config.gauss_compat, config.normalization),
-               _Kernel(bilateral, batch, config.bilateral_compat, config.normalization)]
+    kernels = [_pairwise(gauss, batch, config.gauss_compat, config.normalization),
+               _pairwise(bilateral, batch, config.bilateral_compat, config.normalization)]
     neg_unary = -unary.to(torch.float32).permute(0, 2, 3, 1).reshape(b * h * w, c)  # (N, C)
     q = _softmax(neg_unary)
     for _ in range(steps):
-        energy = neg_unary.clone()
-        for kernel in kernels:  # Potts: -U - (-w K Q) for each kernel, in turn
-            energy += kernel.weight * kernel(q)
+        # Potts: -U - (-w K Q) for each kernel in turn, w folded into the lattice.
+        energy = torch.add(neg_unary, lattice_filter(kernels[0], q))
+        for kernel in kernels[1:]:
+            energy += lattice_filter(kernel, q)
         q = _softmax(energy)
     return q.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()
 
@@ -250,8 +256,7 @@ def _softmax(energy: torch.Tensor) -> torch.Tensor:
     """Q over dim 1, with Q < 1e-30 set to 0: no message changes by as much as
     float32 resolves, and the lattice stays free of subnormal floats, which
     x86 computes many times slower (a third of the time of `paper` at 500x375)."""
-    q = torch.softmax(energy, dim=1)
-    return q.masked_fill_(q < _Q_FLOOR, 0.0)
+    return F.threshold_(torch.softmax(energy, dim=1), _Q_FLOOR, 0.0)
 
 
 def torch_mean_field(image: np.ndarray, probs: np.ndarray, config: CRFConfig,
@@ -262,7 +267,7 @@ def torch_mean_field(image: np.ndarray, probs: np.ndarray, config: CRFConfig,
 
     c, h, w = probs.shape
     unary = torch.from_numpy(unary_energy(probs, config.unary_clip)).reshape(1, c, h, w)
-    rgb = torch.from_numpy(np.ascontiguousarray(image, dtype=np.uint8))[None]
+    rgb = torch.from_numpy(np.require(image, np.uint8, ["C_CONTIGUOUS", "WRITEABLE"]))[None]
     with torch.inference_mode():
         q = mean_field(rgb.to(device), unary.to(device), config)
     return q[0].cpu().numpy()
