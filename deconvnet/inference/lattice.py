@@ -72,12 +72,10 @@ class Lattice:
         return self.blur.shape[1] - 1
 
 
-def build_lattice(features: torch.Tensor, batch: torch.Tensor | None = None) -> Lattice:
-    """The lattice of (N, d) float32 `features` (already divided by their stds).
-
-    `batch`: (N,) int64 image index of each point, so points of different
-    images never share a vertex; None: one image.
-    """
+def _enclosing_simplex(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each (N, d) point's simplex on the lattice, as densecrf's `Permutohedral::init`
+    finds it: its 0-coloured corner (N, d+1) int64, the rank of each coordinate
+    (N, d+1) int64 and the barycentric weights (N, d+1) float32."""
     n, d = features.shape
     device, f32 = features.device, torch.float32
     features = features.to(f32)
@@ -101,8 +99,8 @@ def build_lattice(features: torch.Tensor, batch: torch.Tensor | None = None) -> 
     rem0 = v * float(d + 1)
     coord_sum = v.sum(dim=1).to(torch.int64)  # (N,)
 
-    # rank[i]: the position of coordinate i when the residuals are sorted,
-    # ties to the lower index (densecrf's pairwise comparison).
+    # rank[i]: the number of coordinates whose residual is larger, on a tie
+    # the later coordinate counting as larger (densecrf's pairwise comparison).
     diff = elevated - rem0  # (N, d+1)
     less = diff[:, :, None] < diff[:, None, :]  # less[i, j]: diff_i < diff_j
     upper = torch.ones(d + 1, d + 1, dtype=torch.bool, device=device).triu(1)
@@ -120,10 +118,21 @@ def build_lattice(features: torch.Tensor, batch: torch.Tensor | None = None) -> 
     flipped = by_rank.flip(1)  # flipped[:, p]: v of rank d-p
     weights[:, 1:] = flipped[:, 1:] - flipped[:, :-1]
     weights[:, 0] = by_rank[:, d] + (1.0 - by_rank[:, 0])
+    return rem0.to(torch.int64), rank, weights
 
+
+def build_lattice(features: torch.Tensor, batch: torch.Tensor | None = None) -> Lattice:
+    """The lattice of (N, d) float32 `features` (already divided by their stds).
+
+    `batch`: (N,) int64 image index of each point, so points of different
+    images never share a vertex; None: one image.
+    """
+    n, d = features.shape
+    device = features.device
+    rem0, rank, weights = _enclosing_simplex(features)
     # Vertex keys: the first d coordinates of rem0 + canonical[r][rank]
     # (canonical[r][j] = r, or r - (d+1) for j > d - r), coded as one int64.
-    rem0_i = rem0[:, :d].to(torch.int64)  # (N, d)
+    rem0_i = rem0[:, :d]  # (N, d)
     margin = 2 * d + 1  # vertices lie within d of rem0, their neighbours within d more
     low = rem0_i.min(dim=0).values - margin  # (d,)
     radix = rem0_i.max(dim=0).values + margin - low + 1  # (d,)
