@@ -228,10 +228,10 @@ def _features(images: torch.Tensor, config: CRFConfig) -> tuple[torch.Tensor, to
     ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=f32),
                             torch.arange(w, device=device, dtype=f32), indexing="ij")
     pos = torch.stack([xs, ys], dim=-1).reshape(1, h * w, 2).expand(b, -1, -1)  # (B, H*W, 2)
-    std = lambda s: torch.tensor(s, dtype=f32, device=device)  # noqa: E731
-    gauss = pos / std(config.gauss_sxy)
-    rgb = images.reshape(b, h * w, 3).to(f32) / std(config.bilateral_srgb)
-    bilateral = torch.cat([pos / std(config.bilateral_sxy), rgb], dim=-1)
+    gauss_sxy, sxy, srgb = torch.tensor(  # float32 stds, as densecrf's float arguments
+        [config.gauss_sxy, config.bilateral_sxy, config.bilateral_srgb], dtype=f32, device=device)
+    gauss = pos / gauss_sxy
+    bilateral = torch.cat([pos / sxy, images.reshape(b, h * w, 3).to(f32) / srgb], dim=-1)
     return gauss.reshape(-1, 2), bilateral.reshape(-1, 5)
 
 
@@ -264,7 +264,7 @@ def mean_field(images: torch.Tensor, unary: torch.Tensor, config: CRFConfig,
 def _softmax(energy: torch.Tensor) -> torch.Tensor:
     """Q over dim 1, with Q < 1e-30 set to 0: no message changes by as much as
     float32 resolves, and the lattice stays free of subnormal floats, which
-    x86 computes many times slower (a third of the time of `paper` at 500x375)."""
+    x86 computes many times slower (a quarter of the time of `paper` at 500x375)."""
     return F.threshold_(torch.softmax(energy, dim=1), _Q_FLOOR, 0.0)
 
 
