@@ -68,17 +68,25 @@ def read_footer(uri: str, storage_options=None) -> pq.FileMetaData:
 
 
 def read_parts(parts: list[str], columns: list[str] | None, storage_options=None) -> list[pa.Table]:
-    """The parts' tables (these columns, typed by the schema), read concurrently.
-    A small part is one GET; a compacted one is read by ranges, only the columns asked for."""
+    """The parts' tables (these columns, typed by the schema; a column a part was
+    written without is nulls), read concurrently. A small part is one GET; a
+    compacted one is read by ranges, only the columns asked for."""
     schema = rows.columns(columns)
 
     def read(uri: str) -> pa.Table:
         if layout.is_compacted(uri):
             with storage.open_input(uri, storage_options) as f:
-                return pq.read_table(f, columns=columns).cast(schema)
-        return pq.read_table(io.BytesIO(storage.read_bytes(uri, storage_options)), columns=columns).cast(schema)
+                return read_columns(pq.ParquetFile(f), schema)
+        return read_columns(pq.ParquetFile(io.BytesIO(storage.read_bytes(uri, storage_options))), schema)
 
     return list(storage.read_concurrently(read, parts))
+
+
+def read_columns(part: pq.ParquetFile, schema: pa.Schema, row_group: int | None = None) -> pa.Table:
+    """`schema`'s columns of a part (of one row group of it), those it has; the others nulls."""
+    names = [n for n in schema.names if n in part.schema_arrow.names]
+    table = part.read(columns=names) if row_group is None else part.read_row_group(row_group, columns=names)
+    return rows.conform(table, schema)
 
 
 def with_visible_parts(output: str, read, storage_options=None, attempts: int = 5):
