@@ -89,7 +89,7 @@ def _refine(batch, crf):
     return batch
 
 
-def _write(batch, output, num_classes, palette, model_id, run_id, storage_options):
+def _write(batch, output, num_classes, palette, model_id, labelling_key, run_id, storage_options):
     from pipeline.rows import STAGE_COLUMNS
 
     n = len(batch["image_uri"])
@@ -98,6 +98,7 @@ def _write(batch, output, num_classes, palette, model_id, run_id, storage_option
             "permanent": np.zeros(n, bool), "width": np.zeros(n, np.int32), "height": np.zeros(n, np.int32),
             "class_pixels": np.zeros((n, num_classes), np.int64), "mean_confidence": np.zeros(n, np.float32),
             "num_proposals": np.zeros(n, np.int32), "model_id": np.array([model_id] * n, dtype=object),
+            "labelling_key": np.array([labelling_key] * n, dtype=object),
             "run_id": np.array([run_id] * n, dtype=object), "seconds": np.zeros(n)}
     return {k: made[k] if k in made else batch[k] for k in STAGE_COLUMNS}
 
@@ -116,17 +117,27 @@ def model_dir(work: str) -> str:
     return model
 
 
-def seed_done(root: str, out: str, model: str, every: int) -> int:
-    """As if earlier runs labelled every image of `root` but one in `every`: one
-    compacted part, written a row group at a time. Returns the images left to do."""
+def bench_config(root: str, out: str, work: str):
+    """The job's config the runs below use: no CRF (the stages are no-ops anyway)."""
+    from pipeline.config import SegmentJobConfig
+
+    return SegmentJobConfig(input=root, output=out, model=model_dir(work), crf="none")
+
+
+def seed_done(cfg, every: int) -> int:
+    """As if earlier runs with `cfg`'s settings labelled every image of its input
+    but one in `every`: one compacted part, written a row group at a time.
+    Returns the images left to do."""
     import pyarrow.parquet as pq
 
     from deconvnet import storage
     from deconvnet.weights import read_model_info
     from pipeline import layout, rows
+    from pipeline.job import labelling_of
     from pipeline.predictions import compaction
 
-    model_id, left, chunk = read_model_info(model).model_id, 0, []
+    labelling, left, chunk = labelling_of(cfg, read_model_info(cfg.model)), 0, []
+    root, out = cfg.input, cfg.output
     path = layout.compacted_part_uri(out, "00000000T000000Z-seeded")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with pq.ParquetWriter(path, rows.SCHEMA) as w:
@@ -136,12 +147,12 @@ def seed_done(root: str, out: str, model: str, every: int) -> int:
             else:
                 chunk.append(f)
             if len(chunk) == compaction.ROW_GROUP_ROWS:
-                w.write_table(_rows(rows, [c.uri for c in chunk], "00000000T000000Z-seeded", model_id,
-                                    [(c.size, c.version) for c in chunk]))
+                w.write_table(_rows(rows, [c.uri for c in chunk], "00000000T000000Z-seeded", labelling.model_id,
+                                    [(c.size, c.version) for c in chunk], labelling.key))
                 chunk = []
         if chunk:
-            w.write_table(_rows(rows, [c.uri for c in chunk], "00000000T000000Z-seeded", model_id,
-                                [(c.size, c.version) for c in chunk]))
+            w.write_table(_rows(rows, [c.uri for c in chunk], "00000000T000000Z-seeded", labelling.model_id,
+                                [(c.size, c.version) for c in chunk], labelling.key))
     return left
 
 
@@ -149,12 +160,11 @@ def one_size(n: int, work: str, out: str) -> dict:
     """In this process: two runs of the job over n listed objects; driver peak RSS."""
     import ray
 
-    from pipeline.config import SegmentJobConfig
     from pipeline.job import run
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    cfg = SegmentJobConfig(input=os.path.join(work, f"in-{n}"), output=out, model=model_dir(work), crf="none")
+    cfg = bench_config(os.path.join(work, f"in-{n}"), out, work)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result = {"images": n}
     driver_held(cfg, limit=100)  # start Ray Data's workers, so no run below pays for it
@@ -193,10 +203,12 @@ def driver_held(cfg, limit: int | None = None) -> int:
 
     info, run_id = read_model_info(cfg.model), layout.new_run_id()
     every = dataclasses.replace(cfg, limit=limit, incremental=False)
-    todo = [row for w in listing.windows(every, info.model_id) for row in w.todo]
+    labelling = job.labelling_of(cfg, info)
+    todo = [row for w in listing.windows(every, labelling) for row in w.todo]
     ds = ray.data.from_items(todo, override_num_blocks=max(1, len(todo) // cfg.images_per_batch))
     writer = PredictionWriter(os.path.join(cfg.output, "driver-held"), run_id, cfg.rows_per_part)
-    for batch in job.label(ds, cfg, info, run_id, NOOP_STAGES).iter_batches(batch_size=None, batch_format="numpy"):
+    ds = job.label(ds, cfg, info, labelling, run_id, NOOP_STAGES)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         writer.add(rows.table_from_batch(batch, info.classes))
     writer.flush()
     return writer.counts["ok"]
@@ -228,7 +240,8 @@ def parts_bench(part_counts: list[int], part_rows: int) -> list[dict]:
     from deconvnet import storage
     from pipeline import layout, rows
     from pipeline.predictions.compaction import compact
-    from pipeline.predictions.done import DoneIndex
+    from deconvnet.inference.modes import default_labelling_key
+    from pipeline.predictions.done import DoneIndex, Labelling
     from pipeline.predictions.parts import visible_parts
     from pipeline.predictions.writer import PredictionWriter
 
@@ -255,7 +268,7 @@ def parts_bench(part_counts: list[int], part_rows: int) -> list[dict]:
                 return len(done)
 
             def now() -> int:  # the job's own done-set: concurrent reads, one full-range lookup
-                index = DoneIndex(output, "bench-model")
+                index = DoneIndex(output, Labelling("bench-model", default_labelling_key("bench-model")))
                 try:
                     return len(index.lookup("", "\U0010ffff"))
                 finally:
@@ -284,14 +297,17 @@ def _timed(fn) -> tuple[float, int]:
     return round(time.perf_counter() - t0, 3), n
 
 
-def _rows(rows, uris: list[str], run_id: str, model_id: str = "bench-model", seen=None):
+def _rows(rows, uris: list[str], run_id: str, model_id: str = "bench-model", seen=None, key: str | None = None):
+    from deconvnet.inference.modes import default_labelling_key
+
     n = len(uris)
     seen = seen or [(0, "etag")] * n
     batch = {"image_uri": uris, "mask_uri": [""] * n, "overlay_uri": [""] * n, "status": ["ok"] * n,
              "error": [""] * n, "permanent": [False] * n, "width": [1] * n, "height": [1] * n,
              "class_pixels": np.zeros((n, 2), np.int64), "mean_confidence": [0.0] * n, "num_proposals": [0] * n,
              "source_size": [z for z, _ in seen], "source_version": [v for _, v in seen], "model_id": [model_id] * n,
-             "run_id": [run_id] * n, "seconds": [0.0] * n}
+             "labelling_key": [key or default_labelling_key(model_id)] * n, "run_id": [run_id] * n,
+             "seconds": [0.0] * n}
     return rows.table_from_batch({k: np.asarray(v) for k, v in batch.items()}, ("background", "x"))
 
 
@@ -317,7 +333,7 @@ def main(argv=None):
     for n in args.images:
         root, out = make_inputs(args.work, n), os.path.join(args.work, f"out-{n}-{time.time_ns()}")
         t0 = time.perf_counter()
-        to_do = n if n <= args.full_max else seed_done(root, out, model_dir(args.work), every=100)
+        to_do = n if n <= args.full_max else seed_done(bench_config(root, out, args.work), every=100)
         seeded_s = round(time.perf_counter() - t0, 1) if to_do < n else None
         r = subprocess.run([sys.executable, __file__, "--one", str(n), "--work", args.work, "--run-output", out],
                            stdout=subprocess.PIPE, text=True, check=True)

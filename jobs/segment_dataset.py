@@ -11,8 +11,10 @@ On a laptop (no cluster address: an embedded local Ray is started):
     python jobs/segment_dataset.py --input photos/ --output labels/ --model models/tiny
 
 Run again with the same --output, it labels only what is new or changed
-(--incremental, the default). S3 endpoints and credentials come from the usual
-AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) or --storage-option.
+(--incremental, the default), or everything again after a change of the model
+or of a setting that changes masks (--crf, --inference, --proposals, ...).
+S3 endpoints and credentials come from the usual AWS variables
+(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) or --storage-option.
 Exit codes: 0 done (errors are rows in the output), 1 the run failed (or
 --fail-on-error and an input was bad), 2 a bad argument, 143 / 130 stopped by
 SIGTERM (`ray job stop`) / Ctrl-C after recording what finished.
@@ -65,7 +67,7 @@ def flags() -> list[Flag]:
         flag("--crf-cpus", type=int, help="CRF tasks at once (default: every free CPU)"),
         flag("--limit", type=int, help="only the first N images (sorted by URI)"),
         flag("--incremental", action=argparse.BooleanOptionalAction, default=d["incremental"],
-             help="skip images this model already labelled under --output"),
+             help="skip images this model already labelled with these settings under --output"),
         flag("--overlays", action="store_true", help="also write overlays/<path>.jpg"),
         flag("--gallery", action="store_true",
              help="write index.html: a sample of images with overlays, classes and confidences, "

@@ -46,7 +46,7 @@ class SegmentJobConfig:
     cpus_per_actor: float | None = None
     crf_cpus: int | None = None  # CRF tasks at once; None = as many as free CPUs
     limit: int | None = None  # only the first N inputs (sorted), for trials
-    incremental: bool = True  # skip inputs already labelled by this model
+    incremental: bool = True  # skip inputs already labelled by this model with these settings
     overlays: bool = False  # also write colour overlays as JPEG
     gallery: bool = False  # write index.html: a sample, its overlays, a per-class pixel chart
     gallery_size: int = 48  # images on that page: a screenful or two, quick to load

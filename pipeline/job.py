@@ -24,6 +24,7 @@ from typing import Any
 import ray
 
 from deconvnet import storage
+from deconvnet.inference.modes import labelling_key
 from deconvnet.records import now_iso, write_json
 from deconvnet.weights import ModelInfo, read_model_info
 
@@ -31,6 +32,7 @@ from . import gallery, layout, rows, stages
 from .config import SegmentJobConfig
 from .listing import LISTING_CPUS, Tally, list_todo
 from .predictions.compaction import compact, needs_compaction
+from .predictions.done import Labelling
 from .predictions.parts import iter_latest, iter_rows
 from .predictions.writer import PredictionWriter
 
@@ -102,12 +104,20 @@ class StopRequest:
             self._waiting = False
 
 
-def plan(cfg: SegmentJobConfig, info: ModelInfo, run_id: str, tally, stage_fns=stages) -> ray.data.Dataset:
+def plan(cfg: SegmentJobConfig, info: ModelInfo, labelling: Labelling, run_id: str, tally,
+         stage_fns=stages) -> ray.data.Dataset:
     """The job's Dataset. `stage_fns` holds the stages (bench/scale.py passes no-ops)."""
-    return label(listed(cfg, info.model_id, tally), cfg, info, run_id, stage_fns)
+    return label(listed(cfg, labelling, tally), cfg, info, labelling, run_id, stage_fns)
 
 
-def listed(cfg: SegmentJobConfig, model_id: str, tally) -> ray.data.Dataset:
+def labelling_of(cfg: SegmentJobConfig, info: ModelInfo) -> Labelling:
+    """The run's model and labelling key: its settings and models (the FCN-8s
+    model's id read from its directory), what its rows hold and skip by."""
+    fcn_id = read_model_info(cfg.fcn_model, cfg.storage_options).model_id if cfg.fcn_model else None
+    return Labelling(info.model_id, labelling_key(cfg.inference_config(), info.model_id, fcn_id))
+
+
+def listed(cfg: SegmentJobConfig, labelling: Labelling, tally) -> ray.data.Dataset:
     """The rows to label (listing.TODO_SCHEMA), streamed from the listing in blocks
     of one segment-actor batch. Sets the DataContext every later stage inherits."""
     ctx = ray.data.DataContext.get_current()  # a Dataset copies it when it is made: set it first
@@ -131,7 +141,7 @@ def listed(cfg: SegmentJobConfig, model_id: str, tally) -> ray.data.Dataset:
     # downstream have room: the driver holds none of it.
     ds = ray.data.from_items([{"listing": 0}]).map_batches(
         list_todo, batch_size=None, batch_format="pyarrow", num_cpus=LISTING_CPUS, **_remote_env(),
-        fn_kwargs={"cfg": cfg, "model_id": model_id, "tally": tally})
+        fn_kwargs={"cfg": cfg, "labelling": labelling, "tally": tally})
     # One segment-actor batch per block, as the stages take them: spreads a window over
     # every task and actor (a streaming split, not a shuffle), so a small input's CRF
     # runs in parallel and rows reach predictions/ a batch at a time. Larger blocks
@@ -141,7 +151,7 @@ def listed(cfg: SegmentJobConfig, model_id: str, tally) -> ray.data.Dataset:
     return ds.repartition(target_num_rows_per_block=cfg.images_per_batch)
 
 
-def label(ds: ray.data.Dataset, cfg: SegmentJobConfig, info: ModelInfo, run_id: str,
+def label(ds: ray.data.Dataset, cfg: SegmentJobConfig, info: ModelInfo, labelling: Labelling, run_id: str,
           stage_fns=stages) -> ray.data.Dataset:
     """The stages over `ds`'s rows to label: one row out per row in (rows.STAGE_COLUMNS)."""
     opts = cfg.storage_options
@@ -185,7 +195,7 @@ def label(ds: ray.data.Dataset, cfg: SegmentJobConfig, info: ModelInfo, run_id: 
                             fn_kwargs={"crf": inference.crf})
     ds = ds.map_batches(stage_fns.write, batch_size=cfg.images_per_batch, **write_resources, **remote, fn_kwargs={
         "output": cfg.output, "num_classes": info.config.num_classes, "palette": info.palette_array(),
-        "model_id": info.model_id, "run_id": run_id, "storage_options": opts})
+        "model_id": info.model_id, "labelling_key": labelling.key, "run_id": run_id, "storage_options": opts})
     return ds
 
 
@@ -219,13 +229,16 @@ def run(cfg: SegmentJobConfig, log: Callable[[str], None] = print, stage_fns=sta
     stop = stop or StopRequest()
     opts = cfg.storage_options
     info = read_model_info(cfg.model, opts)
+    labelling = labelling_of(cfg, info)
     run_id = layout.new_run_id()
     record_uri = layout.run_record_uri(cfg.output, run_id)
     record: dict[str, Any] = {
         "run_id": run_id, "status": "running", "started": now_iso(), "model_id": info.model_id,
-        "config": cfg.record(), "counts": {"seen": 0, "skipped": 0, "ok": 0, "error": 0},
+        "labelling_key": labelling.key, "config": cfg.record(),
+        "counts": {"seen": 0, "skipped": 0, "ok": 0, "error": 0},
     }
-    log(f"run {run_id}: images under {cfg.input}" + (f", skipping those model {info.model_id} already labelled"
+    log(f"run {run_id}: images under {cfg.input}" + (f", skipping those model {info.model_id} already labelled "
+                                                      f"with these settings (key {labelling.key})"
                                                       if cfg.incremental else ""))
     writer = PredictionWriter(cfg.output, run_id, cfg.rows_per_part, opts, part_seconds=cfg.part_seconds)
     tally = Tally.remote()
@@ -237,7 +250,8 @@ def run(cfg: SegmentJobConfig, log: Callable[[str], None] = print, stage_fns=sta
             with stop.waiting():
                 record["compaction"] = ray.get(ray.remote(compact).options(num_cpus=1, **_remote_env()).remote(
                     cfg.output, opts))
-        batches = iter(plan(cfg, info, run_id, tally, stage_fns).iter_batches(batch_size=None, batch_format="numpy"))
+        ds = plan(cfg, info, labelling, run_id, tally, stage_fns)
+        batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
         while True:
             with stop.waiting():  # a stop request cuts the wait short: nothing half-added
                 batch = next(batches, None)

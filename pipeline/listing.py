@@ -32,7 +32,7 @@ from deconvnet import storage
 from .config import IMAGE_SUFFIXES, SegmentJobConfig
 from .gallery import RunningSample
 from .layout import input_root, relative_key
-from .predictions.done import DoneIndex
+from .predictions.done import DoneIndex, Labelling
 
 WINDOW = 10_000  # listed images per window: the most the listing task holds at once
 LISTING_CPUS = 0.25  # it waits on storage; unlike the next stage's 0.5, so Ray does not fuse them
@@ -53,14 +53,14 @@ class Window:
     done_seconds: float = 0.0
 
 
-def windows(cfg: SegmentJobConfig, model_id: str, window: int = WINDOW) -> Iterator[Window]:
+def windows(cfg: SegmentJobConfig, labelling: Labelling, window: int = WINDOW) -> Iterator[Window]:
     """The listing of `cfg.input`, `window` images at a time, in URI order: the
-    first `cfg.limit`, those done by `model_id` skipped (with cfg.incremental)."""
+    first `cfg.limit`, those done with `labelling` skipped (with cfg.incremental)."""
     opts = cfg.storage_options
     files = storage.iter_files_detail(cfg.input, IMAGE_SUFFIXES, opts)
     if cfg.limit is not None:
         files = itertools.islice(files, cfg.limit)
-    done = DoneIndex(cfg.output, model_id, opts) if cfg.incremental else None
+    done = DoneIndex(cfg.output, labelling, opts) if cfg.incremental else None
     shown = RunningSample(cfg.gallery_size) if cfg.gallery else None
     root = None
     try:
@@ -106,10 +106,10 @@ class Tally:
         return out
 
 
-def list_todo(seed: dict[str, Any], cfg: SegmentJobConfig, model_id: str, tally) -> Iterator[pa.Table]:
+def list_todo(seed: dict[str, Any], cfg: SegmentJobConfig, labelling: Labelling, tally) -> Iterator[pa.Table]:
     """Ray Data's map_batches over one seed row: the rows to label, a window at a
     time, its counts sent to `tally` first (job.plan splits the tables into blocks)."""
-    for w in windows(cfg, model_id):
+    for w in windows(cfg, labelling):
         ray.get(tally.add.remote(w.index, {
             "seen": w.seen, "skipped": w.skipped, "listing_seconds": w.listing_seconds,
             "done_seconds": w.done_seconds}))

@@ -4,7 +4,8 @@ Defined once here and used by every place that makes or reads rows: the write
 stage (STAGE_COLUMNS: what it hands back to the driver), the driver
 (`table_from_batch`), the Parquet writer and compaction (SCHEMA), the done-set
 (DONE_COLUMNS), the gallery and evaluation (`columns(...)` checks their names).
-Adding a column is one line in SCHEMA plus the stage that fills it.
+Adding a column is one line in SCHEMA plus the stage that fills it; parts
+written before it read it as nulls (`conform`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ SCHEMA = pa.schema([
     ("source_size", pa.int64()),
     ("source_version", pa.string()),  # ETag or mtime: a changed file is labelled again
     ("model_id", pa.string()),
+    ("labelling_key", pa.string()),  # the settings' id (labelling_key); null in rows written before it
     ("run_id", pa.string()),
     ("seconds", pa.float64()),  # this image's share of the work, all stages
 ])
@@ -39,7 +41,8 @@ DERIVED = ("classes",)
 # What the write stage returns for each row: every column but the derived ones.
 STAGE_COLUMNS = tuple(n for n in SCHEMA.names if n not in DERIVED)
 # What the incremental skip needs of earlier rows.
-DONE_COLUMNS = ("image_uri", "status", "permanent", "model_id", "source_size", "source_version", "run_id")
+DONE_COLUMNS = ("image_uri", "status", "permanent", "model_id", "labelling_key", "source_size", "source_version",
+                "run_id")
 
 
 def columns(names: Iterable[str] | None = None) -> pa.Schema:
@@ -51,6 +54,13 @@ def columns(names: Iterable[str] | None = None) -> pa.Schema:
     if unknown:
         raise ValueError(f"not prediction columns: {', '.join(unknown)} (columns: {', '.join(SCHEMA.names)})")
     return pa.schema([SCHEMA.field(n) for n in names])
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A table read from a part as `schema`: each column cast to its type, and a
+    column the part was written without (an older part) all nulls."""
+    return pa.table([table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
+                     for f in schema], schema=schema)
 
 
 def table_from_batch(batch: dict[str, np.ndarray], classes: Sequence[str]) -> pa.Table:

@@ -155,7 +155,7 @@ def _images_for_overlays(batch: Batch) -> np.ndarray:
 
 
 def write(batch: Batch, output: str, num_classes: int, palette: np.ndarray,
-          model_id: str, run_id: str, storage_options: dict) -> Batch:
+          model_id: str, labelling_key: str, run_id: str, storage_options: dict) -> Batch:
     """Write masks (and the overlays rows ask for) and turn each row into its Parquet
     record: the columns of rows.STAGE_COLUMNS (the driver adds the class names)."""
     batch, n, c = _writable(batch), len(batch["image_uri"]), num_classes
@@ -175,5 +175,6 @@ def write(batch: Batch, output: str, num_classes: int, palette: np.ndarray,
         batch["seconds"][i] += time.perf_counter() - t0
     made = {"mask_uri": np.array(masks, dtype=object), "overlay_uri": np.array(overlay_uris, dtype=object),
             "class_pixels": class_pixels, "model_id": np.array([model_id] * n, dtype=object),
+            "labelling_key": np.array([labelling_key] * n, dtype=object),
             "run_id": np.array([run_id] * n, dtype=object)}
     return {k: made[k] if k in made else batch[k] for k in STAGE_COLUMNS}

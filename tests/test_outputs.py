@@ -4,6 +4,7 @@ compaction (also while a run writes), on local disk and the S3 endpoint."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import re
@@ -16,18 +17,25 @@ import pyarrow as pa
 import pytest
 
 from deconvnet import storage
+from deconvnet.inference.modes import default_labelling_key, for_mode, labelling_key
 from pipeline import gallery, layout, rows
 from pipeline.config import SegmentJobConfig
 from pipeline.listing import windows
 from pipeline.predictions.compaction import compact
-from pipeline.predictions.done import DoneIndex
+from pipeline.predictions.done import DoneIndex, Labelling
 from pipeline.predictions.parts import latest_rows, read_predictions, visible_parts
 from pipeline.predictions.writer import PredictionWriter
 
 
+def labelling(model_id: str = "m1", **settings) -> Labelling:
+    """A run's model and key: the default settings, or those `for_mode` gets."""
+    return Labelling(model_id, labelling_key(for_mode(**settings), model_id))
+
+
 def prediction_rows(uris: list[str], run_id: str, model_id: str = "m1", status: str = "ok",
-                    seen: dict[str, tuple[int, str]] | None = None) -> pa.Table:
-    """Rows as the write stage returns them; `seen`: the (size, version) each input had."""
+                    seen: dict[str, tuple[int, str]] | None = None, key: str | None = None) -> pa.Table:
+    """Rows as the write stage returns them; `seen`: the (size, version) each input had;
+    `key`: their labelling key (the model's with the default settings)."""
     n = len(uris)
     batch = {"image_uri": uris, "mask_uri": [f"m/{u}" for u in uris], "overlay_uri": [""] * n,
              "status": [status] * n, "error": [""] * n, "permanent": [False] * n, "width": [4] * n,
@@ -35,7 +43,8 @@ def prediction_rows(uris: list[str], run_id: str, model_id: str = "m1", status: 
              "mean_confidence": [0.5] * n, "num_proposals": [1] * n,
              "source_size": [(seen or {}).get(u, (1, ""))[0] for u in uris],
              "source_version": [(seen or {}).get(u, (1, "v1"))[1] for u in uris],
-             "model_id": [model_id] * n, "run_id": [run_id] * n, "seconds": [0.1] * n}
+             "model_id": [model_id] * n, "labelling_key": [key or default_labelling_key(model_id)] * n,
+             "run_id": [run_id] * n, "seconds": [0.1] * n}
     return rows.table_from_batch({k: np.asarray(v) for k, v in batch.items()}, ("background", "cat"))
 
 
@@ -131,21 +140,94 @@ def test_windows_skip_what_is_done_across_windows_and_compacted_parts(tmp_path):
     changed = {uris[18]: (5, seen[uris[18]][1])}
     write_run(out, "20260103T000000Z-eeeeee", uris[18:19], seen=changed)  # the file changed since
     cfg = SegmentJobConfig(input=root, output=out, model="unused")
-    ws = list(windows(cfg, "m1", window=3))
+    ws = list(windows(cfg, labelling(), window=3))
     assert [w.seen for w in ws] == [3] * 6 + [2]
     assert sum(w.skipped for w in ws) == 12
     assert [r["image_uri"] for w in ws for r in w.todo] == uris[12:]
     assert {r["rel"] for w in ws for r in w.todo} == {u[len(root) + 1:] for u in uris[12:]}
     # --no-incremental: every image; --limit: the first N in sorted order.
     assert sum(len(w.todo) for w in windows(SegmentJobConfig(input=root, output=out, model="u", incremental=False),
-                                            "m1", window=7)) == 20
-    limited = windows(SegmentJobConfig(input=root, output=out, model="u", limit=5, incremental=False), "m1", 2)
+                                            labelling(), window=7)) == 20
+    limited = windows(SegmentJobConfig(input=root, output=out, model="u", limit=5, incremental=False), labelling(), 2)
     assert [r["image_uri"] for w in limited for r in w.todo] == uris[:5]
+
+
+def test_the_labelling_key_follows_every_setting_that_changes_a_mask():
+    from deconvnet.inference.crf import CRFConfig
+
+    default = labelling().key
+    assert default == default_labelling_key("m1") == labelling(crf="paper", max_proposals=50).key  # the same twice
+    changed = [labelling(crf="none"), labelling(crf="deeplab"), labelling(mode="original"),
+               labelling(proposals="selective-search"), labelling(max_proposals=10), labelling(crf_max_side=300),
+               labelling(aggregate="mean"), labelling("m2"), Labelling("m1", labelling_key(for_mode(), "m1", "fcn"))]
+    keys = [default] + [c.key for c in changed]
+    assert len(set(keys)) == len(keys) and all(re.fullmatch(r"[0-9a-f]{16}", k) for k in keys)
+    assert labelling_key(for_mode(ensemble="product"), "m1", "fcn") != labelling_key(for_mode(), "m1", "fcn")
+    # How the arithmetic is done is not a setting of the mask; the ensemble rule counts only with an FCN.
+    assert default == labelling(batch_size=3).key == labelling(dtype="fp32").key == labelling(ensemble="product").key
+
+    @dataclasses.dataclass(frozen=True)
+    class Later(CRFConfig):  # a field added later: at its default, every key stays as it was
+        exact: bool = True
+
+    inference = for_mode()
+    later = dataclasses.replace(inference, crf=Later(**dataclasses.asdict(inference.crf)))
+    assert labelling_key(later, "m1") == default
+    assert labelling_key(dataclasses.replace(later, crf=dataclasses.replace(later.crf, exact=False)), "m1") != default
+
+
+def _todo(cfg: SegmentJobConfig, run: Labelling) -> list[str]:
+    return [r["image_uri"] for w in windows(cfg, run, window=4) for r in w.todo]
+
+
+def test_an_image_is_done_only_when_its_latest_row_has_the_runs_labelling_key(tmp_path):
+    root, uris, seen = _inputs(tmp_path, 9)
+    out = str(tmp_path / "out")
+    cfg = SegmentJobConfig(input=root, output=out, model="unused")
+    default, none, deeplab = labelling(), labelling(crf="none"), labelling(crf="deeplab")
+    write_run(out, "20260101T000000Z-aaaaaa", uris, seen=seen, key=default.key)
+    assert _todo(cfg, default) == [] and _todo(cfg, none) == _todo(cfg, deeplab) == uris
+    compact(out)  # the same from a compacted part
+    write_run(out, "20260102T000000Z-bbbbbb", uris[:3], seen=seen, key=none.key)
+    assert _todo(cfg, none) == uris[3:]
+    # masks/ holds `none`'s masks of the first three now: the defaults label them again.
+    assert _todo(cfg, default) == uris[:3] and _todo(cfg, deeplab) == uris
+
+
+def _write_legacy_part(uri: str, table: pa.Table) -> None:
+    """A part as runs wrote it before rows had a labelling key."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table.drop_columns(["labelling_key"]), buf, row_group_size=4)
+    storage.write_bytes(uri, buf.getvalue())
+
+
+@pytest.mark.parametrize("compacted", [False, True])
+def test_rows_written_before_keys_count_as_done_only_with_the_default_settings(output, tmp_path, compacted):
+    root, uris, seen = _inputs(tmp_path, 9)
+    cfg = SegmentJobConfig(input=root, output=output, model="unused")
+    table = prediction_rows(uris, "20260101T000000Z-aaaaaa", seen=seen)
+    # An old run's part, or an old compacted part (sorted, read a row group at a time).
+    _write_legacy_part(layout.compacted_part_uri(output, "old") if compacted else
+                       layout.run_part_uri(output, "20260101T000000Z-aaaaaa", 0), table)
+    assert _todo(cfg, labelling()) == []
+    assert _todo(cfg, labelling(crf="none")) == _todo(cfg, labelling(max_proposals=10)) == uris
+    assert _todo(cfg, labelling("m2")) == uris
+    # They stay readable, the key null, and are compacted with newer parts.
+    write_run(output, "20260102T000000Z-bbbbbb", uris[:2], seen=seen, key=labelling(crf="none").key)
+    for _ in range(2):
+        got = read_predictions(output, ["image_uri", "labelling_key"])
+        assert got.num_rows == 11 and got["labelling_key"].null_count == 9
+        compact(output)
+    assert _todo(cfg, labelling()) == uris[:2] and _todo(cfg, labelling(crf="none")) == uris[2:]
 
 
 def test_a_single_file_is_its_own_listing(tmp_path):
     root, uris, _ = _inputs(tmp_path, 2)
-    (w,) = windows(SegmentJobConfig(input=uris[0], output=str(tmp_path / "o"), model="u"), "m1")
+    (w,) = windows(SegmentJobConfig(input=uris[0], output=str(tmp_path / "o"), model="u"), labelling())
     assert [(r["image_uri"], r["rel"]) for r in w.todo] == [(uris[0], "000.jpg")]
 
 
@@ -167,7 +249,7 @@ def test_the_running_sample_ends_as_the_gallery_sample_and_has_overlays_for_it()
 def test_windows_flag_overlays_for_the_gallery_sample(tmp_path):
     root, uris, _ = _inputs(tmp_path, 30)
     cfg = SegmentJobConfig(input=root, output=str(tmp_path / "o"), model="u", gallery=True, gallery_size=4)
-    flagged = {r["image_uri"] for w in windows(cfg, "m1", window=4) for r in w.todo if r["overlay"]}
+    flagged = {r["image_uri"] for w in windows(cfg, labelling(), window=4) for r in w.todo if r["overlay"]}
     assert gallery.sample(uris, 4) <= flagged
 
 
@@ -196,7 +278,7 @@ def test_compaction_keeps_every_row_once_and_leaves_few_parts(output):
     parts = visible_parts(output)
     assert parts.runs == [] and len(parts.compacted) == len(done["written"]) == 2 and not parts.replaced
     assert latest_rows(after).num_rows == 31
-    index = DoneIndex(output, "m1")
+    index = DoneIndex(output, labelling())
     assert set(index.lookup("s3://b/in/0", "s3://b/in/1~")) == {f"s3://b/in/{r}-{i}.jpg" for r in (0, 1)
                                                                 for i in range(5)}
     assert set(index.lookup("s3://b/in/same.jpg", "s3://b/in/zzz")) == {"s3://b/in/same.jpg"}

@@ -80,8 +80,7 @@ def test_s3_end_to_end_with_bad_files_then_incremental(ray_session, s3_bucket, t
     # A new image and a changed one are labelled; nothing else.
     storage.write_bytes(storage.join(images, "new/extra.jpg"), CORPUS["ok/scene.jpg"][0])
     storage.write_bytes(storage.join(images, "ok/gray.jpg"), CORPUS["ok/scene.jpg"][0])
-    third = run(segment_dataset.parse_config(["--input", images, "--output", output, "--model", tiny_model,
-                                              "--crf", "none", *FAST]))
+    third = run(segment_dataset.parse_config(["--input", images, "--output", output, "--model", tiny_model, *FAST]))
     assert third["counts"]["ok"] == 2 and third["counts"]["skipped"] == len(CORPUS) - 1
 
 
@@ -99,6 +98,47 @@ def test_local_paths_and_the_same_labels_twice(ray_session, tmp_path, tiny_model
         m2 = decode_label_png(storage.read_bytes(f"{out2}/masks/ok/{name}.png"))
         assert np.array_equal(m1, m2)
     assert {r["image_uri"]: r["class_pixels"] for r in r1} == {r["image_uri"]: r["class_pixels"] for r in r2}
+
+
+@pytest.mark.parametrize("change", [["--crf", "deeplab"], ["--inference", "original"], ["--proposals", "whole"],
+                                    ["--max-proposals", "2"]])
+def test_a_changed_setting_flag_makes_every_image_to_do(tmp_path, tiny_model, change):
+    """Each flag that changes masks changes the labelling key: after a run with
+    the first settings, the listing skips every image with those and none with the
+    change (the job end to end: the next test)."""
+    from deconvnet.weights import read_model_info
+    from pipeline.job import labelling_of
+    from pipeline.listing import windows
+    from pipeline.predictions.writer import PredictionWriter
+    from test_outputs import prediction_rows
+
+    files = {k: CORPUS[k] for k in ("ok/scene.jpg", "ok/exif_rotated.jpg")}
+    images, out = upload(str(tmp_path), files, prefix="in"), str(tmp_path / "out")
+    info = read_model_info(tiny_model)
+
+    def todo(*flags: str) -> list[str]:
+        cfg = segment_dataset.parse_config(["--input", images, "--output", out, "--model", tiny_model, *FAST, *flags])
+        return [r["image_uri"] for w in windows(cfg, labelling_of(cfg, info)) for r in w.todo]
+
+    cfg = segment_dataset.parse_config(["--input", images, "--output", out, "--model", tiny_model, *FAST])
+    listed = storage.list_files_detail(images)
+    writer = PredictionWriter(out, "20260101T000000Z-aaaaaa", 10)
+    writer.add(prediction_rows([f.uri for f in listed], "20260101T000000Z-aaaaaa", info.model_id,
+                               seen={f.uri: (f.size, f.version) for f in listed}, key=labelling_of(cfg, info).key))
+    writer.flush()
+    assert todo() == [] and todo(*change) == [f.uri for f in listed]
+
+
+def test_a_change_of_settings_relabels_every_image_and_the_same_settings_nothing(ray_session, tmp_path, tiny_model):
+    files = {k: CORPUS[k] for k in ("ok/scene.jpg", "ok/exif_rotated.jpg")}
+    images, out = upload(str(tmp_path), files, prefix="in"), str(tmp_path / "out")
+    base = ["--input", images, "--output", out, "--model", tiny_model, "--crf", "none", *FAST]  # --max-proposals 3
+    first, changed, again = (run(segment_dataset.parse_config(args), log=lambda s: None)
+                             for args in (base, [*base, "--max-proposals", "2"], [*base, "--max-proposals", "2"]))
+    assert [(r["counts"]["ok"], r["counts"]["skipped"]) for r in (first, changed, again)] == [(2, 0), (2, 0), (0, 2)]
+    keys = {r["run_id"]: r["labelling_key"] for r in (first, changed)}
+    assert len(set(keys.values())) == 2 and again["labelling_key"] == changed["labelling_key"]
+    assert all(r["labelling_key"] == keys[r["run_id"]] for r in predictions(out))
 
 
 def test_single_file_input(ray_session, tmp_path, tiny_model):

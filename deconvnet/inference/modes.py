@@ -45,6 +45,8 @@ directly takes what it is not given from the default mode's row too.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -179,3 +181,36 @@ def for_mode(mode: str = "default", **overrides: Any) -> InferenceConfig:
     if problems:
         raise ValueError("; ".join(problems))
     return config
+
+
+# Fields that choose how the arithmetic is done, not what is computed: left out
+# of the labelling key. The batch only groups the same crops; dtype ("auto":
+# bf16 on CUDA, fp32 on CPU) and memory layout move a probability by rounding,
+# which can flip a pixel where two classes tie but decides no setting's mask.
+EXECUTION_FIELDS = {"segmenter": ("batch_size", "dtype", "channels_last")}
+
+
+def labelling_key(inference: InferenceConfig, model_id: str, fcn_model_id: str | None = None) -> str:
+    """The id of everything that decides a mask: the model, the FCN-8s model of
+    the ensemble (and the ensemble rule, which only counts with one), the mode,
+    and every field of the proposal, segmenter and CRF configs (the CRF None:
+    none runs) but EXECUTION_FIELDS. A field at its declared default is left
+    out, so a field added later whose default keeps today's masks leaves every
+    key as it was, and one set otherwise changes it. 16 hex digits of a SHA-256
+    of canonical JSON: two runs with one key make the same masks."""
+    def changed(config, section: str) -> dict[str, Any] | None:
+        if config is None:
+            return None
+        skip = set(EXECUTION_FIELDS.get(section, ())) | ({"ensemble"} if fcn_model_id is None else set())
+        return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+                if f.name not in skip and getattr(config, f.name) != f.default}
+
+    settings = {"model_id": model_id, "fcn_model_id": fcn_model_id, "mode": inference.mode,
+                **{s: changed(getattr(inference, s), s) for s in ("proposals", "segmenter", "crf")}}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def default_labelling_key(model_id: str) -> str:
+    """The key of the default settings with this model and no FCN-8s: what rows
+    written before rows had keys were labelled with, when they count as done."""
+    return labelling_key(for_mode("default"), model_id)

@@ -1,9 +1,15 @@
 """The done-set of an incremental run, asked one window of the listing at a time.
 
-An image is done when an earlier run with the same model labelled it (status
-ok) or found the file itself bad (a permanent error), and its size and
-version (ETag or mtime) are still those that run saw. The latest such row of
-each image decides (run ids sort by start time).
+An image is done when its latest row that labelled it (status ok) or found
+the file itself bad (a permanent error), the row whose mask masks/ holds now
+(run ids sort by start time), was written with this run's labelling key (the
+model and every setting that decides a mask:
+deconvnet.inference.modes.labelling_key), and its size and version (ETag or
+mtime) are still those that run saw. So a run with other settings in between
+(another model, another `crf`) makes the next run with the first ones label
+again. Rows written before rows had keys (the key null) count for a run of
+the same model whose key is the default settings' (`Labelling.legacy`): what
+they were written with.
 
 The listing comes in URI order, in windows; `lookup(lo, hi)` answers for the
 window's key range only. Memory does not grow with the output:
@@ -11,29 +17,55 @@ window's key range only. Memory does not grow with the output:
   read a row group at a time, in order, and only row groups overlapping the
   window are held (about one per part);
 - the run parts not yet compacted are read once, only the done columns and
-  only done rows, concurrently. A run compacts before listing when there are
-  COMPACT_AT_PARTS of them, so these are bounded by that, not by the bucket.
+  only rows that labelled an image or found it bad, concurrently. A run
+  compacts before listing when there are COMPACT_AT_PARTS of them, so these
+  are bounded by that, not by the bucket.
 """
 
 from __future__ import annotations
 
 import bisect
+from dataclasses import dataclass
+from functools import cached_property
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from deconvnet import storage
+from deconvnet.inference.modes import default_labelling_key
 
 from .. import rows
-from .parts import Parts, latest_rows, read_parts, with_visible_parts
+from .parts import Parts, latest_rows, read_columns, read_parts, with_visible_parts
 
 COLUMNS = list(rows.DONE_COLUMNS)
+SCHEMA = rows.columns(COLUMNS)
 
 
-def _done_rows(table: pa.Table, model_id: str) -> pa.Table:
-    ok = pc.or_(pc.equal(table["status"], "ok"), table["permanent"])
-    return table.filter(pc.and_(pc.equal(table["model_id"], model_id), ok))
+@dataclass(frozen=True)
+class Labelling:
+    """What a run labels with: its model and its labelling key (what its rows hold)."""
+    model_id: str
+    key: str
+
+    @cached_property
+    def legacy(self) -> bool:
+        """Whether rows without a key count: this run's settings are the defaults."""
+        return self.key == default_labelling_key(self.model_id)
+
+
+def _final_rows(table: pa.Table) -> pa.Table:
+    """The rows that labelled an image or found it bad: not transient errors."""
+    return table.filter(pc.or_(pc.equal(table["status"], "ok"), table["permanent"]))
+
+
+def _labelled_with(table: pa.Table, labelling: Labelling) -> pa.Table:
+    """The rows written with this labelling (a row without a key: with the defaults)."""
+    key = table["labelling_key"]
+    same = pc.equal(key, labelling.key)
+    if labelling.legacy:
+        same = pc.or_kleene(pc.is_null(key), same)
+    return table.filter(pc.and_(pc.equal(table["model_id"], labelling.model_id), pc.fill_null(same, False)))
 
 
 def _between(table: pa.Table, lo: str, hi: str) -> pa.Table:
@@ -58,7 +90,7 @@ class SortedPart:
 
     def between(self, lo: str, hi: str) -> list[pa.Table]:
         while self.next < len(self.ranges) and self.ranges[self.next][0] <= hi:
-            group = self.parquet.read_row_group(self.next, columns=COLUMNS)
+            group = read_columns(self.parquet, SCHEMA, self.next)
             self.held.append((self.ranges[self.next][1], group))
             self.next += 1
         self.held = [(mx, t) for mx, t in self.held if mx >= lo]
@@ -72,8 +104,8 @@ class DoneIndex:
     """{image_uri: (size, version)} of the done images in a key range; ranges
     must be asked in increasing order (the listing's)."""
 
-    def __init__(self, output: str, model_id: str, storage_options=None):
-        self.output, self.model_id, self.storage_options = output, model_id, storage_options
+    def __init__(self, output: str, labelling: Labelling, storage_options=None):
+        self.output, self.labelling, self.storage_options = output, labelling, storage_options
         self.sorted_parts: list[SortedPart] = []
         self._open()
 
@@ -84,8 +116,8 @@ class DoneIndex:
 
         self.close()
         recent, self.sorted_parts = with_visible_parts(self.output, load, self.storage_options)
-        table = rows.columns(COLUMNS).empty_table() if not recent else pa.concat_tables(recent)
-        self.recent = _done_rows(table, self.model_id).sort_by("image_uri")
+        table = SCHEMA.empty_table() if not recent else pa.concat_tables(recent)
+        self.recent = _final_rows(table).sort_by("image_uri")
         self.recent_uris = self.recent["image_uri"].to_pylist()
 
     def lookup(self, lo: str, hi: str) -> dict[str, tuple[int, str]]:
@@ -99,8 +131,8 @@ class DoneIndex:
         a, b = bisect.bisect_left(self.recent_uris, lo), bisect.bisect_right(self.recent_uris, hi)
         tables = [self.recent.slice(a, b - a)]
         for part in self.sorted_parts:
-            tables += [_done_rows(t, self.model_id) for t in part.between(lo, hi)]
-        table = latest_rows(pa.concat_tables(tables))
+            tables += [_final_rows(t) for t in part.between(lo, hi)]
+        table = _labelled_with(latest_rows(pa.concat_tables(tables)), self.labelling)
         return {u: (s, v) for u, s, v in zip(table["image_uri"].to_pylist(), table["source_size"].to_pylist(),
                                              table["source_version"].to_pylist())}
 

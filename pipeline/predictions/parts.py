@@ -72,8 +72,9 @@ def read_footer(uri: str, storage_options=None) -> pq.FileMetaData:
 
 
 def read_parts(parts: list[str], columns: list[str] | None, storage_options=None) -> list[pa.Table]:
-    """The parts' tables (these columns, typed by the schema), read concurrently.
-    A small part is one GET; a compacted one is read by ranges, only the columns asked for."""
+    """The parts' tables (these columns, typed by the schema; a column a part was
+    written without is nulls), read concurrently. A small part is one GET; a
+    compacted one is read by ranges, only the columns asked for."""
     return list(storage.read_concurrently(_part_reader(columns, storage_options), parts))
 
 
@@ -83,10 +84,17 @@ def _part_reader(columns: list[str] | None, storage_options):
     def read(uri: str) -> pa.Table:
         if layout.is_compacted(uri):
             with storage.open_input(uri, storage_options) as f:
-                return pq.read_table(f, columns=columns).cast(schema)
-        return pq.read_table(io.BytesIO(storage.read_bytes(uri, storage_options)), columns=columns).cast(schema)
+                return read_columns(pq.ParquetFile(f), schema)
+        return read_columns(pq.ParquetFile(io.BytesIO(storage.read_bytes(uri, storage_options))), schema)
 
     return read
+
+
+def read_columns(part: pq.ParquetFile, schema: pa.Schema, row_group: int | None = None) -> pa.Table:
+    """`schema`'s columns of a part (of one row group of it), those it has; the others nulls."""
+    names = [n for n in schema.names if n in part.schema_arrow.names]
+    table = part.read(columns=names) if row_group is None else part.read_row_group(row_group, columns=names)
+    return rows.conform(table, schema)
 
 
 def with_visible_parts(output: str, read, storage_options=None, attempts: int = 5):
@@ -150,7 +158,6 @@ def iter_latest(output: str, columns: list[str], storage_options=None,
             writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
             try:
                 for batch in _part_batches(parts, columns, storage_options, batch_rows):
-                    batch = batch.cast(schema)
                     uris = batch.column("image_uri").to_numpy(zero_copy_only=False)
                     ids = pd.util.hash_array(uris) % buckets
                     for b in np.unique(ids):
@@ -174,7 +181,9 @@ def _part_batches(parts: Parts, columns: list[str], storage_options, batch_rows:
     """The parts' rows (these columns), a run part or a compacted part's row group at a time."""
     # Run parts are small (rows_per_part rows), read a few at a time.
     yield from storage.read_concurrently(_part_reader(columns, storage_options), parts.runs)
-    for uri in parts.compacted:
+    schema = rows.columns(columns)
+    for uri in parts.compacted:  # a row group at a time (compaction writes them small)
         with storage.open_input(uri, storage_options) as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns):
-                yield pa.Table.from_batches([batch])
+            part = pq.ParquetFile(f)
+            for group in range(part.num_row_groups):
+                yield read_columns(part, schema, group)
