@@ -64,13 +64,10 @@ def parse_config(argv: list[str] | None = None) -> ExportConfig:
     """The command line as an ExportConfig; a bad argument exits 2 with one line."""
     p = build_parser()
     a = p.parse_args(argv)
-    opts = storage_options_from(p, a.storage_option)
-    prefixes = []
-    for item in a.image_url_prefix:
-        old, sep, new = item.partition("=")
-        if not sep:
-            p.error(f"--image-url-prefix: must be OLD=NEW, got {item!r}")
-        prefixes.append((old, new))
+    prefixes = [item.partition("=")[::2] for item in a.image_url_prefix]
+    bad = [item for item in a.image_url_prefix if "=" not in item]
+    if bad:
+        p.error(f"--image-url-prefix: must be OLD=NEW, got {bad[0]!r}")
     classes = tuple(c.strip() for c in (a.classes or "").split(",") if c.strip())
     if a.classes is not None and not classes:
         p.error(f"--classes: no class names in {a.classes!r}")
@@ -80,7 +77,7 @@ def parse_config(argv: list[str] | None = None) -> ExportConfig:
                           max_confidence=a.max_confidence, review_first=a.review_first, limit=a.limit)
         return ExportConfig(labels=a.labels, format=a.format, to=a.to, filters=filters,
                             image_url_prefix=tuple(prefixes), shard_size=a.shard_size, workers=a.workers,
-                            storage_options=opts)
+                            storage_options=storage_options_from(p, a.storage_option))
     except ValueError as e:
         p.error(config_error(e, flags))
 

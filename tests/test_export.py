@@ -155,6 +155,7 @@ def labelled(ray_session, s3_endpoint, tiny_model):
 def test_a_real_run_exports_to_all_three_formats(labelled, tmp_path):
     labels, masks, bucket = labelled["labels"], labelled["masks"], labelled["bucket"]
     assert len(masks) == 5
+    assert len({k for m in masks.values() for k in np.unique(m).tolist()}) >= 2, "one class: a weak comparison"
     prefix = f"{bucket}/synth/"
     for fmt in ("label-studio", "cvat", "huggingface"):
         argv = ["--labels", labels, "--format", fmt, "--to", f"{bucket}/export/{fmt}", "--shard-size", "2"]
