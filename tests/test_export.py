@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from tinymodels import varied_model
 from toolvenv import run_tool
 
 from deconvnet import storage
@@ -49,20 +50,21 @@ for path in sys.argv[3:]:
         print(task["data"]["image"], pred["score"])
 np.savez(sys.argv[1], **out)
 """
-# Datumaro's import of an extracted CVAT zip: {item id: (H, W) label index}, and the label names.
+# Datumaro's import of each extracted CVAT zip: <folder>/dm.npz, {item id: (H, W) label index} and the label names.
 DATUMARO_IMPORT = """
 import sys, numpy as np
 import datumaro as dm
-ds = dm.Dataset.import_from(sys.argv[2], "voc_segmentation")
-names = [c.name for c in ds.categories()[dm.AnnotationType.label]]
-out = {}
-for item in ds:
-    masks = [a for a in item.annotations if a.type == dm.AnnotationType.mask]
-    labels = np.full(masks[0].image.shape, 255, np.uint8)  # 255: no mask covers it
-    for a in masks:
-        labels[a.image.astype(bool)] = a.label
-    out[item.id.replace("/", "|")] = labels
-np.savez(sys.argv[1], names=np.array(names), **out)
+for folder in sys.argv[1:]:
+    ds = dm.Dataset.import_from(folder, "voc_segmentation")
+    names = [c.name for c in ds.categories()[dm.AnnotationType.label]]
+    out = {}
+    for item in ds:
+        masks = [a for a in item.annotations if a.type == dm.AnnotationType.mask]
+        labels = np.full(masks[0].image.shape, 255, np.uint8)  # 255: no mask covers it
+        for a in masks:
+            labels[a.image.astype(bool)] = a.label
+        out[item.id.replace("/", "|")] = labels
+    np.savez(folder + "/dm.npz", names=np.array(names), **out)
 """
 
 
@@ -107,13 +109,15 @@ def check_label_studio(to: str, tmp: Path, names: list[str]) -> dict[str, np.nda
 def check_cvat(to: str, tmp: Path, names: list[str]) -> dict[str, np.ndarray]:
     """{image id: the mask Datumaro imports from each zip}, in our class ids."""
     manifest = json.loads(storage.read_bytes(storage.join(to, "manifest.json")))
-    out = {}
+    folders = []
     for s in manifest["shards"]:
-        folder = tmp / s["file"].replace(".zip", "")
+        folders.append(tmp / s["file"].replace(".zip", ""))
         with zipfile.ZipFile(io.BytesIO(storage.read_bytes(storage.join(to, s["file"])))) as z:
             assert {"labelmap.txt", "ImageSets/Segmentation/default.txt"} <= set(z.namelist())
-            z.extractall(folder)
-        run_tool("datumaro", DATUMARO_IMPORT, str(folder / "dm.npz"), str(folder))
+            z.extractall(folders[-1])
+    run_tool("datumaro", DATUMARO_IMPORT, *map(str, folders))
+    out = {}
+    for folder in folders:
         got = _read_npz(folder / "dm.npz")
         dm_names = got.pop("names").tolist()
         to_ours = np.array([names.index(n) for n in dm_names] + [255] * (256 - len(dm_names)), np.uint8)
@@ -138,15 +142,18 @@ def check_huggingface(to: str, tmp: Path) -> tuple[list[dict], dict]:
 # ------------------------------------------------------ a real run on S3, three formats
 
 @pytest.fixture(scope="module")
-def labelled(ray_session, s3_endpoint, tiny_model):
-    """Generated scenes labelled by the segment job on the moto endpoint."""
+def labelled(ray_session, s3_endpoint):
+    """Generated scenes labelled by the segment job on the moto endpoint, by a
+    tiny model whose labels vary over the image."""
     import s3fs
 
     bucket = "s3://export-flow"
     s3fs.S3FileSystem(endpoint_url=s3_endpoint).mkdir(bucket[5:])
     synthetic.generate(f"{bucket}/synth", images=5, seed=4, size=64)
+    varied_model(f"{bucket}/model", f"{bucket}/synth")
     out = f"{bucket}/labels"
-    assert segment_dataset.main(["--input", f"{bucket}/synth/JPEGImages", "--output", out, "--model", tiny_model,
+    assert segment_dataset.main(["--input", f"{bucket}/synth/JPEGImages", "--output", out,
+                                 "--model", f"{bucket}/model",
                                  "--crf", "none", "--max-proposals", "2", "--batch-size", "8",
                                  "--images-per-batch", "4"]) == 0
     return {"bucket": bucket, "labels": out, "masks": _masks(out)}
