@@ -10,8 +10,9 @@ then the filters of the export's config.
     limit        the first N of what is left, in export order
 
 Export order is by image URI, or least confident first with `review_first`.
-The selected rows are one Arrow table of a few small columns (about 100 bytes
-an image); masks are read later, a shard at a time (shards.py).
+The selected rows are one Arrow table of a few columns, read and sorted whole
+(about 0.9 KB an image at the peak, bench/export.py); masks are read later, a
+shard at a time (shards.py).
 """
 
 from __future__ import annotations
