@@ -1,7 +1,7 @@
 """jobs/export_labels.py at scale: N synthetic prediction rows with tiny masks
 (and tiny images, for the Hugging Face format) on the local disk, exported to
-each format by the job as a user runs it; prints wall time and the job's peak
-RSS per format and appends them to bench/results/export.json.
+each format by the job as a user runs it; prints wall and CPU time and the
+job's peak RSS per format and appends them to bench/results/export.json.
 
     python bench/export.py --rows 100000            # all three formats
     python bench/export.py --rows 10000 --formats label-studio
@@ -71,8 +71,10 @@ def generate(base: str, n: int, size: int, seed: int = 0) -> None:
     writer.flush()
 
 
-def export(base: str, fmt: str, shard_size: int) -> tuple[float, float, str]:
-    """(seconds, peak RSS MiB, the command's last line) of one export, run as a user runs it."""
+def export(base: str, fmt: str, shard_size: int) -> tuple[float, float, float, str]:
+    """(wall seconds, CPU seconds, peak RSS MiB, the command's last line) of one
+    export, run as a user runs it. CPU time (user + system) says what the export
+    costs where other work shares the cores; wall time, what a user waits."""
     job = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "export_labels.py")
     cmd = [sys.executable, job, "--labels", base, "--format", fmt, "--to", f"{base}/export-{fmt}",
            "--shard-size", str(shard_size)]
@@ -83,7 +85,7 @@ def export(base: str, fmt: str, shard_size: int) -> tuple[float, float, str]:
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.monotonic() - start
     assert os.waitstatus_to_exitcode(status) == 0, out
-    return seconds, usage.ru_maxrss / 1024, out.strip().splitlines()[-1]
+    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, out.strip().splitlines()[-1]
 
 
 def main() -> None:
@@ -101,12 +103,12 @@ def main() -> None:
         generate(base, a.rows, a.size)
         print(f"{a.rows} rows, {a.size}x{a.size} masks generated in {time.monotonic() - start:.0f} s")
         for fmt in a.formats.split(","):
-            seconds, rss, last = export(base, fmt, a.shard_size)
+            seconds, cpu, rss, last = export(base, fmt, a.shard_size)
             bench_record.report(a.out, {"bench": "export", "format": fmt, "rows": a.rows, "size": a.size,
-                                  "shard_size": a.shard_size, "seconds": round(seconds, 2),
-                                  "peak_rss_mib": round(rss, 1)},
-                          f"{fmt}: {a.rows} rows in {seconds:.1f} s ({a.rows / seconds:.0f} rows/s), "
-                          f"peak RSS {rss:.0f} MiB | {last}")
+                                        "shard_size": a.shard_size, "seconds": round(seconds, 2),
+                                        "cpu_seconds": round(cpu, 2), "peak_rss_mib": round(rss, 1)},
+                                f"{fmt}: {a.rows} rows in {seconds:.1f} s ({a.rows / seconds:.0f} rows/s; "
+                                f"CPU {cpu:.1f} s), peak RSS {rss:.0f} MiB | {last}")
 
 
 if __name__ == "__main__":

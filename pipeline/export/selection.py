@@ -11,7 +11,7 @@ then the filters of the export's config.
 
 Export order is by image URI, or least confident first with `review_first`.
 The selected rows are one Arrow table of a few columns, read and sorted whole
-(about 0.9 KB an image at the peak, bench/export.py); masks are read later, a
+(about 1 KB an image at the peak, bench/export.py); masks are read later, a
 shard at a time (shards.py).
 """
 
