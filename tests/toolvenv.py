@@ -28,9 +28,11 @@ def tool_python(tool: str) -> str:
     with open(venv.parent / f".{tool}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two test processes make it once
         if not marker.exists():
-            subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-            subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
-                            "--disable-pip-version-check", pin], check=True)
+            for cmd in ([sys.executable, "-m", "venv", "--clear", str(venv)],
+                        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                         pin]):
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                assert done.returncode == 0, f"making the {tool} venv failed: {cmd}\n{done.stdout}\n{done.stderr}"
             marker.touch()
     return str(venv / "bin" / "python")
 
