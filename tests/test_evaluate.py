@@ -21,16 +21,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
-import torch.nn.functional as F
 
 from deconvnet import storage
 from deconvnet.data import synthetic
-from deconvnet.data.imageio import decode_image
-from deconvnet.model import build_model, preset
-from deconvnet.data.voc import VOC_CLASSES, encode_label_png
-from deconvnet.weights import ModelInfo, save_model_dir
+from deconvnet.data.voc import encode_label_png
 from jobs import evaluate, segment_dataset
+from tinymodels import varied_model
 from pipeline import layout, rows
 from pipeline.predictions.writer import PredictionWriter
 
@@ -40,27 +36,6 @@ MAX_PROPOSALS = "3"  # val: 3 grid boxes + the whole image, in both jobs
 
 
 # ------------------------------------------------ train -> segment -> evaluate
-
-def _varied_model(uri: str, data: str) -> None:
-    """A random tiny DeconvNet for the generated classes whose labels vary over
-    the image: BatchNorm statistics measured on the images themselves (He-normal
-    weights with the initial statistics, or a few training steps, label every
-    pixel with one class, which would make the comparison blind to where
-    pixels land)."""
-    torch.manual_seed(0)
-    config = preset("tiny", num_classes=5)  # background + synthetic's 4 classes
-    model, info = build_model(config), ModelInfo(config=config, classes=VOC_CLASSES[:5])
-    images = [decode_image(storage.read_bytes(u)) for u in storage.list_files(f"{data}/JPEGImages")]
-    x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255 for im in images])
-    x = (x - torch.tensor(info.mean).view(1, 3, 1, 1)) / torch.tensor(info.std).view(1, 3, 1, 1)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # a plain average over the one batch
-    with torch.no_grad():
-        model.train()(F.interpolate(x, size=224, mode="bilinear"))  # (N, 3, 224, 224)
-    save_model_dir(model.eval(), uri, info)
-
 
 @pytest.fixture(scope="module")
 def trained(train_job_by_value, s3_endpoint):
@@ -72,7 +47,7 @@ def trained(train_job_by_value, s3_endpoint):
     s3fs.S3FileSystem(endpoint_url=s3_endpoint).mkdir(bucket[5:])
     data = f"{bucket}/synth"
     synthetic.generate(data, images=16, seed=3, size=96)  # 12 train, 4 val
-    _varied_model(f"{bucket}/init", data)
+    varied_model(f"{bucket}/init", data)
     rc = train_job_by_value.main([
         "--data", data, "--storage", f"{bucket}/runs", "--name", "e1", "--preset", "tiny", "--num-workers", "1",
         "--batch-size", "4", "--stage1-steps", "1", "--stage2-steps", "1", "--eval-every", "100", "--lr", "0.0001",
