@@ -240,3 +240,12 @@ def test_crf_exact_reaches_the_config_from_both_command_lines(tmp_path, tiny_mod
         assert main(["segment", str(tmp_path / "a.jpg"), "--model", tiny_model, "--out", str(tmp_path / "o.png"),
                      "--max-proposals", "1", *extra]) == 0
     assert [c.exact for c in seen] == [False, True]
+
+
+def test_one_class_left_needs_no_step():
+    image = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    probs = np.full((CLASSES, 20, 24), 1e-7, np.float32)
+    probs[4] = 1 - 20e-7
+    result = mean_field(image, probs, crf_config("deeplab"))
+    assert list(result.kept) == [4] and result.steps == 0
+    assert (result.q.argmax(0) == 4).all() and np.allclose(result.q.sum(0), 1)

@@ -45,21 +45,23 @@ the model, two ways (`mean_field`):
   filtered ones, computed with the same lattice (one step of a one-label CRF
   from Q = 1), not estimated. Under NORMALIZE_SYMMETRIC, B(i) is about
   sum_k w_k but not at most it (d_i^-1/2 sum_j k_ij d_j^-1/2 exceeds 1 where
-  a pixel's neighbours have fewer similar pixels than it has: measured up to
-  1.17 sum_k w_k on a photograph), hence the measured bound. A label whose
+  a pixel's neighbours have fewer similar pixels than it has: 0.47 to 1.22
+  sum_k w_k, median 1.00, on bench/crf.py's photographs at 500x375), hence
+  the bound measured per pixel rather than assumed. A label whose
   unary exceeds the pixel's best unary by more than B(i) (+ a rounding
   slack) at every pixel can never win anywhere, after any number of steps:
   -U_l + g_l <= -U_l + B < -U_b <= -U_b + g_b. Such labels are left out of
   the CRF; afterwards each gets back the probability exp(-U_l) of a label
-  with no pairwise support (its Q is below exp(-B) of the best everywhere,
-  so its gain is about 0), and the distribution is renormalised over all C.
+  with no pairwise support (a label whose Q is small everywhere gains about
+  0), and the distribution is renormalised over all C.
   Without the left-out labels the kept ones are normalised without that
   mass, so their result can differ from the exact CRF's slightly (bench/crf.py
   measures how much); the pruned labels themselves never win.
 - Early stopping: the steps stop as soon as one (the second or later)
-  changes at most `stop_changed` of the labels (0: none). Mean-field labels settle with a long thin tail (a
-  few pixels along edges flip for several steps), so 0 rarely stops before
-  10; 0.002 gave >= 99.5% of the 10-step labels on bench/crf.py's photographs.
+  changes at most `stop_changed` of the labels (0: none). Mean-field labels
+  settle with a long thin tail (a few pixels along edges flip for several
+  steps), so 0 rarely stops before 10; with 0.002, >= 99.5% of the labels
+  were the exact CRF's on bench/crf.py's photographs (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -228,7 +230,7 @@ def mean_field(image: np.ndarray, probs: np.ndarray, config: CRFConfig) -> MeanF
     q, logits, scratch = crf.startInference()
     logits = eigen.matrixXf(-unary[kept])  # sized, so numpy sees the logits stepInference writes
     labels, steps = None, 0
-    while steps < config.iterations:
+    while steps < config.iterations and len(kept) > 1:  # one label left: it is the answer
         crf.stepInference(q, logits, scratch)
         steps += 1
         if config.stop_changed is None:
