@@ -25,8 +25,8 @@
 #   pipeline   the segment job vs model only, paper model,
 #              --crf none, 64 images (bench/pipeline.py; Ray)  ~2 min (cap 150 s)
 # A part that fails or runs out of time is recorded in summary.json and the
-# script goes on. The estimates are from the CPU figures scaled to the GPU's
-# rate; the first run on a GPU replaces them with the logged seconds.
+# script goes on. The times are estimates, not yet measured on a GPU; the
+# first run's summary.json gives the real seconds of each part.
 #
 # GPU_BENCH_TINY=1 shrinks every part (tiny model, a few images, CPU allowed,
 # the CRF on CPU): a check that the script runs end to end, not a measurement.
