@@ -1,7 +1,29 @@
-"""Dense CRF cost and the effect of `max_side`, on a synthetic photo-like image.
+"""Dense CRF cost: exact vs pruned vs early-stopped on photographs, the presets, and `max_side`.
 
-    .venv/bin/python bench/crf.py                 # table on stdout, JSON in bench/results/crf.json
+    .venv/bin/python bench/crf.py                 # every table on stdout, JSON in bench/results/crf.json
+    .venv/bin/python bench/crf.py --part settings # only the exact / pruned / early-stop table
     .venv/bin/python bench/crf.py --repeats 5 --output /tmp/crf.json
+
+Settings (`--part settings`): the `paper` preset as `--inference default` runs
+it, with `exact` (every label, 10 steps: `--crf-exact`), pruned (labels that
+cannot win left out, 10 steps) and pruned + early stop (the default), on real
+photographs: matplotlib's grace_hopper.jpg and, when scikit-image is installed
+(`pip install -e .[bench]`), the photographs its wheel ships (astronaut,
+chelsea, coffee, rocket). Each is cropped to 4:3 at its centre and resized
+(bicubic) to 500x375 and 1000x750 (upscaled: none is that large). Their
+probability maps (no 21-class model is trained here): a pseudo ground truth
+from k-means (k = 5) on colour and position of the photograph at 1/8 size,
+the clusters given classes 0, 15, 12, 7, 9; then two recipes:
+- `soft`, the scene's below: the one-hot map area-downsampled 16x, bilinear
+  back, logits 6 x that + 1.5 x smooth unit noise on all 21 classes;
+- `peaked`: logits 12 x the blurred one-hot + 1.5 x smooth noise on the
+  present classes and 2 absent "confusable" ones, -8 for the other 14-16
+  classes: a confident network that hesitates among a few classes only (at
+  a three-class junction of the blurred map, 12 x 1/3 = 4, an absent class is
+  then about e^-12 of the best, where `soft` puts it at about e^-4).
+Reported per image: ms of CPU time (time.process_time, all threads) and of
+wall time, the steps run, the labels kept, and % of labels equal to the
+exact CRF's; then the means per size and recipe.
 
 The scene (sky, wavy horizon, ground, a person, a car and a dog, with colour
 texture and sensor noise) is drawn at any size from the same normalised
@@ -19,6 +41,7 @@ full-resolution CRF.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -30,7 +53,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from deconvnet.inference.crf import CRF_PRESETS, CRFConfig, dense_crf
+from deconvnet.inference.crf import CRF_PRESETS, CRFConfig, dense_crf, mean_field
 from deconvnet.inference import INFERENCE_MODES, for_mode
 
 NUM_CLASSES = 21  # PASCAL VOC
@@ -128,13 +151,136 @@ def timed(repeats: int, fn, *args):
 
 
 def crf_settings(**overrides) -> dict[str, CRFConfig]:
-    """Every CRF preset as each inference mode runs it ('paper/original', ...)."""
-    return {f"{name}/{mode}": for_mode(mode, crf=name, **overrides).crf
+    """Every CRF preset as each inference mode runs it ('paper/original', ...), exact
+    (every label, every step: the cost the settings table compares against)."""
+    return {f"{name}/{mode}": for_mode(mode, crf=name, crf_exact=True, **overrides).crf
             for name in CRF_PRESETS for mode in INFERENCE_MODES}
+
+
+PHOTO_CLASSES = (0, 15, 12, 7, 9)  # the k-means clusters' classes: background, person, dog, car, chair
+CONFUSABLE = (8, 11)  # the `peaked` recipe's two absent classes with noise
+ABSENT_LOGIT = -8.0  # the `peaked` recipe's logit of every other class
+
+
+def photographs() -> dict[str, Image.Image]:
+    """Name -> RGB photograph: matplotlib's, and scikit-image's shipped ones if installed."""
+    import importlib.util
+
+    import matplotlib.cbook
+    photos = {"grace_hopper": Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg"))}
+    spec = importlib.util.find_spec("skimage")
+    if spec is not None:  # read from the wheel's data folder: no download, no import of skimage
+        data = Path(spec.origin).parent / "data"
+        for name in ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"):
+            if (data / name).exists():
+                photos[name.split(".")[0]] = Image.open(data / name)
+    return {name: image.convert("RGB") for name, image in photos.items()}
+
+
+def photo_at(photo: Image.Image, width: int, height: int) -> np.ndarray:
+    """The photograph's centre cropped to width:height, resized (bicubic): (H, W, 3) uint8."""
+    w, h = photo.size
+    cw, ch = min(w, h * width // height), min(h, w * height // width)
+    box = ((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch)
+    return np.asarray(photo.crop(box).resize((width, height), Image.BICUBIC))
+
+
+def pseudo_truth(image: np.ndarray, seed: int = 0, k: int = 5, iters: int = 20) -> np.ndarray:
+    """(H, W) uint8 labels: k-means on (colour, position) at 1/8 size, nearest-upsampled,
+    clusters mapped to PHOTO_CLASSES."""
+    h, w = image.shape[:2]
+    small = np.asarray(Image.fromarray(image).resize((w // 8, h // 8), Image.BILINEAR), np.float32)
+    yy, xx = np.mgrid[:small.shape[0], :small.shape[1]]
+    feats = np.concatenate([small / 255, (np.stack([yy, xx], -1) / max(small.shape[:2]))[..., :] * 0.7],
+                           -1).reshape(-1, 5)
+    rng = np.random.default_rng(seed)
+    centres = feats[rng.choice(len(feats), k, replace=False)]
+    for _ in range(iters):
+        assign = ((feats[:, None] - centres[None]) ** 2).sum(-1).argmin(1)
+        centres = np.stack([feats[assign == j].mean(0) if (assign == j).any() else centres[j] for j in range(k)])
+    labels = np.asarray(PHOTO_CLASSES, np.uint8)[assign].reshape(small.shape[:2])
+    return np.asarray(Image.fromarray(labels).resize((w, h), Image.NEAREST))
+
+
+def peaked_probs(labels: np.ndarray, seed: int = 0) -> np.ndarray:
+    """(21, H, W) float32: the `peaked` recipe (module docstring)."""
+    rng = np.random.default_rng(seed)
+    h, w = labels.shape
+    one_hot = np.eye(NUM_CLASSES, dtype=np.float32)[labels].transpose(2, 0, 1)  # (C, H, W)
+    coarse = torch.nn.functional.interpolate(torch.from_numpy(one_hot)[None], scale_factor=1 / 16, mode="area")
+    blurred = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)[0].numpy()
+    noisy = sorted({*np.unique(labels).tolist(), *CONFUSABLE})
+    logits = np.full_like(blurred, ABSENT_LOGIT)
+    logits[noisy] = 12 * blurred[noisy] + 1.5 * _low_frequency(rng, len(noisy), h, w)
+    return torch.softmax(torch.from_numpy(logits), dim=0).numpy()
+
+
+def cpu_and_wall(repeats: int, fn, *args):
+    """(median CPU ms over all threads, median wall ms, last result)."""
+    cpu, wall, result = [], [], None
+    for _ in range(repeats):
+        c, t = time.process_time(), time.perf_counter()
+        result = fn(*args)
+        cpu.append((time.process_time() - c) * 1000)
+        wall.append((time.perf_counter() - t) * 1000)
+    return statistics.median(cpu), statistics.median(wall), result
+
+
+def settings_table(repeats: int, sizes: list[tuple[int, int]], photo_names: list[str] | None) -> list[dict]:
+    """The exact / pruned / pruned + early stop table on photographs (module docstring)."""
+    base = for_mode("default", crf="paper").crf
+    settings = {"exact": dataclasses.replace(base, exact=True),
+                "pruned": dataclasses.replace(base, exact=False, stop_changed=None),
+                "pruned+stop": dataclasses.replace(base, exact=False)}
+    photos = photographs()
+    if photo_names:
+        photos = {n: photos[n] for n in photo_names}
+    rows = []
+    print(f"{'photo':>13} {'size':>9} {'maps':>6} {'setting':>11} {'cpu ms':>8} {'wall ms':>8} "
+          f"{'steps':>5} {'kept':>4} {'agree %':>8}")
+    for name, photo in photos.items():
+        for width, height in sizes:
+            image = photo_at(photo, width, height)
+            truth = pseudo_truth(image)
+            for recipe, make in (("soft", network_like_probs), ("peaked", peaked_probs)):
+                probs = make(truth)
+                exact_labels = None
+                for setting, config in settings.items():
+                    cpu, wall, result = cpu_and_wall(repeats, mean_field, image, probs, config)
+                    labels = result.q.argmax(axis=0)
+                    if exact_labels is None:
+                        exact_labels = labels
+                    row = {"photo": name, "size": f"{width}x{height}", "maps": recipe, "setting": setting,
+                           "cpu_ms": round(cpu, 1), "wall_ms": round(wall, 1), "steps": result.steps,
+                           "kept": len(result.kept),
+                           "agreement_pct": float((labels == exact_labels).mean() * 100)}
+                    rows.append(row)
+                    print(f"{name:>13} {row['size']:>9} {recipe:>6} {setting:>11} {cpu:8.0f} {wall:8.0f} "
+                          f"{row['steps']:>5} {row['kept']:>4} {row['agreement_pct']:8.2f}")
+    print(f"\nmeans over photographs\n{'size':>9} {'maps':>6} {'setting':>11} {'cpu ms':>8} {'wall ms':>8} "
+          f"{'x exact':>7} {'agree %':>8} {'min agree':>9}")
+    for size in dict.fromkeys(r["size"] for r in rows):
+        for recipe in ("soft", "peaked"):
+            group = [r for r in rows if r["size"] == size and r["maps"] == recipe]
+            exact_cpu = statistics.mean(r["cpu_ms"] for r in group if r["setting"] == "exact")
+            for setting in settings:
+                sel = [r for r in group if r["setting"] == setting]
+                cpu = statistics.mean(r["cpu_ms"] for r in sel)
+                agree = [r["agreement_pct"] for r in sel]
+                print(f"{size:>9} {recipe:>6} {setting:>11} {cpu:8.0f} "
+                      f"{statistics.mean(r['wall_ms'] for r in sel):8.0f} {exact_cpu / cpu:7.2f} "
+                      f"{statistics.mean(agree):8.2f} {min(agree):9.2f}")
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["all", "settings", "presets"], default="all",
+                        help="settings: exact / pruned / early stop on photographs; presets: the "
+                             "presets and max_side on the synthetic scene")
+    parser.add_argument("--sizes", nargs="+", default=["500x375", "1000x750"],
+                        help="WIDTHxHEIGHT of the settings table's images")
+    parser.add_argument("--photos", nargs="+", help="only these photographs (default: all found)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-sides", type=int, nargs="+", default=[500, 375, 250],
                         help="reduced max_side values to compare at 1000x750")
@@ -144,7 +290,13 @@ def main() -> None:
 
     results: dict = {"machine": {"python": platform.python_version(), "cpu_count": os.cpu_count(),
                                  "torch_threads": torch.get_num_threads()},
-                     "repeats": args.repeats, "presets": [], "max_side": []}
+                     "repeats": args.repeats, "presets": [], "max_side": [], "settings": []}
+    if args.part in ("all", "settings"):
+        sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes]
+        results["settings"] = settings_table(args.repeats, sizes, args.photos)
+    if args.part == "settings":
+        write(args.output, results)
+        return
     print(f"{'size':>9} {'preset/mode':>16} {'ms':>8} {'acc before':>10} {'acc after':>9} "
           f"{'mIoU before':>11} {'mIoU after':>10}")
     full_labels = {}
@@ -178,9 +330,13 @@ def main() -> None:
             print(f"{name:>16} {max_side:>8} {ms:8.1f} {row['agreement_pct']:8.2f} "
                   f"{row['miou']:7.4f}")
 
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwrote {args.output}")
+    write(args.output, results)
+
+
+def write(output: Path, results: dict) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {output}")
 
 
 if __name__ == "__main__":

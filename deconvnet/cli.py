@@ -110,6 +110,9 @@ def inference_flags() -> list[Flag]:
                         f"bilateral {paper.bilateral_sxy:g}/{paper.bilateral_srgb:g}/{paper.bilateral_compat:g}, "
                         f"{paper.iterations} iterations), deeplab, or none", choices=[*sorted(CRF_PRESETS), NO_CRF]),
         flag("--crf-max-side", type=int, help="run the CRF on at most this longer side (default: full size)"),
+        option("--crf-exact", "run the CRF's full computation: every label, every step. Otherwise labels "
+                              "that cannot win (a stated bound) are left out and the steps stop when the "
+                              "labels settle", action="store_true"),
         option("--batch-size", "proposals per forward pass; bounds GPU memory", type=int),
     ]
 

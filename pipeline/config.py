@@ -34,6 +34,7 @@ class SegmentJobConfig:
     aggregate: str | None = None  # merge of proposal maps
     crf: str | None = None  # a CRF preset ("paper": the release's parameters, "deeplab") or "none"
     crf_max_side: int | None = None  # run the CRF on at most this longer side; None: full size
+    crf_exact: bool | None = None  # the CRF's full computation (no label pruning, no early stop)
     batch_size: int | None = None  # proposals per forward pass; bounds GPU memory
     images_per_batch: int = 8  # images handed to a segment actor per call
     gpu_actors: tuple[int, int] | None = None  # (min, max); None = one per GPU, 1 on CPU

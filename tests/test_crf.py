@@ -1,13 +1,20 @@
 """Dense CRF: it sharpens a coarse probability map along colour edges; presets,
-overrides and the reduced-resolution path."""
+overrides and the reduced-resolution path; the exact computation against label
+pruning and early stopping, and `--crf-exact` from both command lines."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+import pydensecrf.densecrf as dcrf
 import pytest
+import torch
 from PIL import Image
 
-from deconvnet.inference.crf import CRF_PRESETS, CRFConfig, crf_config, dense_crf
+from deconvnet.inference import for_mode
+from deconvnet.inference.crf import (BOUND_SLACK, CRF_PRESETS, KERNELS, NORMALIZATIONS, CRFConfig, crf_config,
+                                     dense_crf, mean_field, unary_energy)
 
 H, W = 80, 96
 
@@ -70,6 +77,7 @@ def test_presets_differ_and_match_their_sources():
     assert CRF_PRESETS["deeplab"] == CRFConfig(gauss_sxy=1, gauss_compat=3, bilateral_sxy=67,
                                                bilateral_srgb=3, bilateral_compat=4, iterations=10,
                                                kernel="diag", normalization="symmetric", unary_clip=1e-5)
+    assert not CRF_PRESETS["paper"].exact and not CRF_PRESETS["deeplab"].exact  # a preset prunes unless told
     assert CRF_PRESETS["paper"] != CRF_PRESETS["deeplab"]
 
 
@@ -90,3 +98,154 @@ def test_probs_must_match_the_image():
     image = np.zeros((10, 12, 3), np.uint8)
     with pytest.raises(ValueError, match="probs"):
         dense_crf(image, np.full((2, 12, 10), 0.5, np.float32), crf_config("paper"))
+
+
+# --- exact vs label pruning and early stopping -------------------------------
+
+SH, SW, CLASSES = 72, 96, 21
+
+
+@pytest.fixture(scope="module")
+def three_classes() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A structured 21-class map: a sky, a ground and a round object of their own
+    colours (classes 0, 15, 7), the one-hot map blurred 8x as a network's, with
+    smooth noise on those three and on two absent, confusable classes (3, 9), the
+    other 16 classes far below: (image, truth, (21, H, W) probabilities)."""
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:SH, :SW]
+    truth = np.where(yy < SH * 0.45 + 6 * np.sin(xx / 9), 0, 15).astype(np.uint8)
+    truth[(yy - 44) ** 2 + (xx - 60) ** 2 < 15 ** 2] = 7
+    colours = np.zeros((CLASSES, 3))
+    colours[[0, 15, 7]] = [[90, 150, 230], [80, 120, 50], [200, 60, 60]]
+    image = np.clip(colours[truth] + rng.normal(0, 8, (SH, SW, 3)), 0, 255).astype(np.uint8)
+    one_hot = torch.from_numpy(np.eye(CLASSES, dtype=np.float32)[truth].transpose(2, 0, 1))[None]
+    blurred = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(one_hot, 8), size=(SH, SW),
+                                              mode="bilinear", align_corners=False)[0].numpy()
+    noisy = [0, 3, 7, 9, 15]
+    logits = np.full_like(blurred, -8.0)
+    smooth = torch.nn.functional.interpolate(torch.from_numpy(rng.normal(0, 1, (1, 5, 4, 5)).astype(np.float32)),
+                                             size=(SH, SW), mode="bicubic", align_corners=False)[0].numpy()
+    logits[noisy] = 12 * blurred[noisy] + 1.5 * smooth
+    return image, truth, torch.softmax(torch.from_numpy(logits), 0).numpy()
+
+
+def todays_crf(image: np.ndarray, probs: np.ndarray, config: CRFConfig) -> np.ndarray:
+    """The computation before pruning existed, written out: every label, `iterations` steps."""
+    c, h, w = probs.shape
+    crf = dcrf.DenseCRF2D(w, h, c)
+    crf.setUnaryEnergy(unary_energy(probs, config.unary_clip))
+    kernel, norm = KERNELS[config.kernel], NORMALIZATIONS[config.normalization]
+    crf.addPairwiseGaussian(sxy=config.gauss_sxy, compat=config.gauss_compat, kernel=kernel, normalization=norm)
+    crf.addPairwiseBilateral(sxy=config.bilateral_sxy, srgb=config.bilateral_srgb, rgbim=np.array(image),
+                             compat=config.bilateral_compat, kernel=kernel, normalization=norm)
+    return np.asarray(crf.inference(config.iterations), dtype=np.float32).reshape(c, h, w)
+
+
+@pytest.mark.parametrize("mode", ["default", "original"])
+@pytest.mark.parametrize("preset", sorted(CRF_PRESETS))
+def test_exact_and_original_are_todays_computation_bit_for_bit(three_classes, preset, mode):
+    image, _, probs = three_classes
+    config = dataclasses.replace(for_mode(mode, crf=preset).crf, exact=True)
+    if mode == "original":
+        assert for_mode(mode, crf=preset).crf == config  # original is exact without being told
+    q = todays_crf(image, probs, config)
+    labels, confidence = dense_crf(image, probs, config)
+    np.testing.assert_array_equal(labels, q.argmax(0))
+    np.testing.assert_array_equal(confidence, q.max(0))
+    assert mean_field(image, probs, config).steps == config.iterations
+
+
+def test_pruning_and_early_stopping_agree_with_exact(three_classes):
+    image, truth, probs = three_classes
+    fast = for_mode("default").crf
+    assert not fast.exact and fast.stop_changed is not None
+    result = mean_field(image, probs, fast)
+    exact = todays_crf(image, probs, dataclasses.replace(fast, exact=True))
+    assert set(result.kept) <= {0, 3, 7, 9, 15} and len(result.kept) < CLASSES  # the 16 far-off are pruned
+    assert result.steps < fast.iterations
+    assert (result.q.argmax(0) == exact.argmax(0)).mean() >= 0.995
+    np.testing.assert_allclose(result.q.sum(0), 1, atol=1e-5)  # a distribution over all 21 classes again
+    labels, confidence = dense_crf(image, probs, fast)
+    assert labels.shape == (SH, SW) and confidence.dtype == np.float32
+    assert (labels == truth).mean() > (probs.argmax(0) == truth).mean() - 0.01
+
+
+@pytest.mark.parametrize("preset", sorted(CRF_PRESETS))
+def test_a_pruned_label_never_wins(three_classes, preset):
+    """The bound: a label whose unary is more than B(i) above the pixel's best
+    everywhere is pruned; the exact CRF never gives it a pixel, and its pairwise
+    gain (logit + unary after a step) is within [0, B(i)] at every pixel."""
+    image, _, probs = three_classes
+    config = dataclasses.replace(for_mode("default", crf=preset).crf, stop_changed=None)
+    kept = mean_field(image, probs, config).kept
+    pruned = sorted(set(range(CLASSES)) - set(kept))
+    assert pruned
+    exact = todays_crf(image, probs, dataclasses.replace(config, exact=True))
+    assert not np.isin(exact.argmax(0), pruned).any()
+    # Every label's gain after steps of the exact CRF, against B(i).
+    from deconvnet.inference.crf import _pairwise_bound
+    import pydensecrf.eigen as eigen
+    c, h, w = probs.shape
+    unary = unary_energy(probs, config.unary_clip)
+    crf = dcrf.DenseCRF2D(w, h, c)
+    kernel, norm = KERNELS[config.kernel], NORMALIZATIONS[config.normalization]
+    crf.addPairwiseGaussian(sxy=config.gauss_sxy, compat=config.gauss_compat, kernel=kernel, normalization=norm)
+    crf.addPairwiseBilateral(sxy=config.bilateral_sxy, srgb=config.bilateral_srgb, rgbim=np.array(image),
+                             compat=config.bilateral_compat, kernel=kernel, normalization=norm)
+    bound = _pairwise_bound(crf, h * w)
+    crf.setUnaryEnergy(unary)
+    q, logits, scratch = crf.startInference()
+    logits = eigen.matrixXf(np.zeros((c, h * w), np.float32))
+    for _ in range(3):
+        crf.stepInference(q, logits, scratch)
+        gain = np.asarray(logits) + unary
+        assert gain.min() >= -1e-4 and (gain <= bound * (1 + BOUND_SLACK[0]) + BOUND_SLACK[1]).all()
+
+
+def test_early_stopping_stops_when_labels_settle(two_regions):
+    image, _, probs = two_regions
+    config = crf_config("deeplab", stop_changed=0.0)  # stop at the first step that changes no label
+    stopped = mean_field(image, probs, config)
+    assert 1 <= stopped.steps < config.iterations
+    full = mean_field(image, probs, dataclasses.replace(config, stop_changed=None))
+    assert full.steps == config.iterations
+    before = mean_field(image, probs, dataclasses.replace(config, stop_changed=None, iterations=stopped.steps - 1))
+    np.testing.assert_array_equal(stopped.q.argmax(0), before.q.argmax(0))  # its last step changed nothing
+    assert (stopped.q.argmax(0) == full.q.argmax(0)).mean() > 0.99
+
+
+def test_config_checks_stop_changed():
+    with pytest.raises(ValueError, match="`stop_changed`"):
+        crf_config("paper", stop_changed=1.5)
+
+
+def test_crf_exact_reaches_the_config_from_both_command_lines(tmp_path, tiny_model, monkeypatch):
+    from deconvnet.__main__ import main
+    from deconvnet.inference import crf
+    from jobs import segment_dataset
+
+    Image.new("RGB", (40, 30), (120, 80, 40)).save(tmp_path / "a.jpg")
+    base = ["--input", str(tmp_path), "--output", str(tmp_path / "out"), "--model", tiny_model]
+    assert segment_dataset.parse_config(base).inference_config().crf.exact is False
+    job = segment_dataset.parse_config([*base, "--crf-exact"])
+    assert job.crf_exact is True and job.inference_config().crf.exact is True
+    assert job.record()["crf_exact"] is True
+    assert segment_dataset.parse_config([*base, "--inference", "original"]).record()["crf_exact"] is True
+
+    seen = []
+    real = crf.label_map
+    monkeypatch.setattr(crf, "label_map", lambda image, probs, config: seen.append(config) or real(
+        image, probs, dataclasses.replace(config, iterations=1)))
+    for extra in ([], ["--crf-exact"]):
+        assert main(["segment", str(tmp_path / "a.jpg"), "--model", tiny_model, "--out", str(tmp_path / "o.png"),
+                     "--max-proposals", "1", *extra]) == 0
+    assert [c.exact for c in seen] == [False, True]
+
+
+def test_one_class_left_needs_no_step():
+    image = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    probs = np.full((CLASSES, 20, 24), 1e-7, np.float32)
+    probs[4] = 1 - 20e-7
+    result = mean_field(image, probs, crf_config("deeplab"))
+    assert list(result.kept) == [4] and result.steps == 0
+    assert (result.q.argmax(0) == 4).all() and np.allclose(result.q.sum(0), 1)

@@ -168,12 +168,14 @@ def test_the_labelling_key_follows_every_setting_that_changes_a_mask():
 
     @dataclasses.dataclass(frozen=True)
     class Later(CRFConfig):  # a field added later: at its default, every key stays as it was
-        exact: bool = True
+        sharper: bool = False
 
     inference = for_mode()
     later = dataclasses.replace(inference, crf=Later(**dataclasses.asdict(inference.crf)))
     assert labelling_key(later, "m1") == default
-    assert labelling_key(dataclasses.replace(later, crf=dataclasses.replace(later.crf, exact=False)), "m1") != default
+    assert labelling_key(dataclasses.replace(later, crf=dataclasses.replace(later.crf, sharper=True)), "m1") != default
+    # exact (every label, every step) is such a field: --crf-exact labels again.
+    assert labelling_key(for_mode(crf_exact=True), "m1") != default
 
 
 def _todo(cfg: SegmentJobConfig, run: Labelling) -> list[str]:

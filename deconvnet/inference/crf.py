@@ -33,6 +33,35 @@ and confidence come back at full size. The kernel parameters stay in pixels of
 the image the CRF runs on: at 500 px that is the size of a PASCAL VOC image,
 for which the presets were tuned. Scaling the spatial stds with the image
 instead ran slower and agreed less with the full-size CRF (bench/crf.py).
+
+`exact` False (what `--inference default` runs) saves work without changing
+the model, two ways (`mean_field`):
+- Label pruning. Under the Potts model label l's update at pixel i is
+  Q_l(i) ~ exp(-U_l(i) + g_l(i)), with the pairwise gain
+  g_l(i) = sum over kernels k of w_k (K_k Q_l)(i). Each K_k here (the
+  permutohedral lattice's splat, blur and slice, with any normalisation's
+  positive diagonal scaling) is linear with nonnegative weights, and
+  0 <= Q_l <= 1, so 0 <= g_l(i) <= B(i) = sum_k w_k (K_k 1)(i): the kernels'
+  filtered ones, computed with the same lattice (one step of a one-label CRF
+  from Q = 1), not estimated. Under NORMALIZE_SYMMETRIC, B(i) is about
+  sum_k w_k but not at most it (d_i^-1/2 sum_j k_ij d_j^-1/2 exceeds 1 where
+  a pixel's neighbours have fewer similar pixels than it has: 0.47 to 1.22
+  sum_k w_k, median 1.00, on bench/crf.py's photographs at 500x375), hence
+  the bound measured per pixel rather than assumed. A label whose
+  unary exceeds the pixel's best unary by more than B(i) (+ a rounding
+  slack) at every pixel can never win anywhere, after any number of steps:
+  -U_l + g_l <= -U_l + B < -U_b <= -U_b + g_b. Such labels are left out of
+  the CRF; afterwards each gets back the probability exp(-U_l) of a label
+  with no pairwise support (a label whose Q is small everywhere gains about
+  0), and the distribution is renormalised over all C.
+  Without the left-out labels the kept ones are normalised without that
+  mass, so their result can differ from the exact CRF's slightly (bench/crf.py
+  measures how much); the pruned labels themselves never win.
+- Early stopping: the steps stop as soon as one (the second or later)
+  changes at most `stop_changed` of the labels (0: none). Mean-field labels
+  settle with a long thin tail (a few pixels along edges flip for several
+  steps), so 0 rarely stops before 10; with 0.002, >= 99.5% of the labels
+  were the exact CRF's on bench/crf.py's photographs (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -40,8 +69,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from typing import NamedTuple
+
 import numpy as np
 import pydensecrf.densecrf as dcrf
+import pydensecrf.eigen as eigen
 import torch
 import torch.nn.functional as F
 
@@ -54,6 +86,9 @@ NORMALIZATIONS = {"none": dcrf.NO_NORMALIZATION, "before": dcrf.NORMALIZE_BEFORE
 # The floor of p when the unary is not clipped: float32's smallest normal, so
 # -log p <= 87.34 instead of +inf for p == 0.
 UNCLIPPED_FLOOR = float(np.finfo(np.float32).tiny)
+# Added to the pairwise bound before pruning: float32 rounding of the lattice's
+# sums of Q against its sum of ones (relative and absolute).
+BOUND_SLACK = (1e-3, 1e-3)
 
 
 @dataclass(frozen=True)
@@ -70,6 +105,10 @@ class CRFConfig:
     normalization: str             # a key of NORMALIZATIONS
     unary_clip: float | None       # floor of p before -log p; None: unclipped, as the release
     max_side: int | None = None    # run at most this longer side (module docstring); None: full
+    exact: bool = False            # True: every label, every step (the release's computation);
+                                   # False: prune labels that cannot win, stop when labels settle
+    stop_changed: float | None = 0.002  # not exact: stop after a step that changes at most this
+                                        # fraction of the labels; None: run every step
 
     def __post_init__(self) -> None:
         problems = Problems(self)
@@ -78,6 +117,8 @@ class CRFConfig:
         problems.check("unary_clip", self.unary_clip is None or 0 < self.unary_clip < 1, "must be in (0, 1) or None")
         problems.at_least("iterations", 0)
         problems.at_least("max_side", 1, none_ok=True)
+        problems.check("stop_changed", self.stop_changed is None or 0 <= self.stop_changed < 1,
+                       "must be in [0, 1) or None")
         problems.raise_any()
 
 
@@ -114,13 +155,15 @@ def label_map(image: np.ndarray | None, probs: np.ndarray, crf: CRFConfig | None
     return labels, float(confidence.mean())
 
 
-def dense_crf(image: np.ndarray, probs: np.ndarray, config: CRFConfig) -> tuple[np.ndarray, np.ndarray]:
+def dense_crf(image: np.ndarray, probs: np.ndarray, config: CRFConfig,
+              device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """Refine class probabilities with a dense CRF.
 
     image: (H, W, 3) uint8 RGB. probs: (C, H, W) probabilities summing to 1
-    over C, C <= 255. Returns `(labels, confidence)`: the (H, W) uint8 argmax of
-    the CRF's output distribution and the (H, W) float32 probability it gives
-    that label, so `confidence.mean()` is the image's mean confidence.
+    over C, C <= 255. device: "cpu" (pydensecrf). Returns `(labels, confidence)`:
+    the (H, W) uint8 argmax of the CRF's output distribution and the (H, W)
+    float32 probability it gives that label, so `confidence.mean()` is the
+    image's mean confidence.
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
@@ -130,12 +173,15 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, config: CRFConfig) -> tuple[
     if not 1 <= probs.shape[0] <= 255:
         raise ValueError("1 to 255 classes fit a uint8 label map (255 = ignore), "
                          f"got {probs.shape[0]}")
+    if device != "cpu":
+        raise ValueError(f"`device` must be 'cpu' (the torch engine is not part of this build), got {device!r}")
+    engine = mean_field
     h, w = image.shape[:2]
     if config.max_side is None or max(h, w) <= config.max_side:
-        q = _mean_field(image, probs, config)  # (C, H, W)
+        q = engine(image, probs, config).q  # (C, H, W)
     else:
         small, _ = downscale(image, config.max_side)
-        q = _mean_field(small, _resize(probs, small.shape[:2], antialias=True), config)  # (C, h, w)
+        q = engine(small, _resize(probs, small.shape[:2], antialias=True), config).q  # (C, h, w)
         q = _resize(q, (h, w), antialias=False)  # (C, H, W)
     return q.argmax(axis=0).astype(np.uint8), q.max(axis=0)
 
@@ -148,11 +194,21 @@ def unary_energy(probs: np.ndarray, clip: float | None) -> np.ndarray:
     return np.ascontiguousarray(-np.log(np.clip(p, floor, 1.0)))
 
 
-def _mean_field(image: np.ndarray, probs: np.ndarray, config: CRFConfig) -> np.ndarray:
-    """pydensecrf's inference: (C, H, W) probabilities after `config.iterations` steps."""
+class MeanField(NamedTuple):
+    """`mean_field`'s result: the (C, H, W) float32 distribution, the steps run
+    and the labels the CRF ran over (all C when nothing was pruned)."""
+    q: np.ndarray
+    steps: int
+    kept: np.ndarray
+
+
+def mean_field(image: np.ndarray, probs: np.ndarray, config: CRFConfig) -> MeanField:
+    """pydensecrf's inference on (C, H, W) probabilities: with `config.exact`,
+    all `config.iterations` steps over every label, as the release; else over
+    the labels that can win, stopping when the labels settle (module docstring)."""
     c, h, w = probs.shape
+    unary = unary_energy(probs, config.unary_clip)  # (C, H*W)
     crf = dcrf.DenseCRF2D(w, h, c)
-    crf.setUnaryEnergy(unary_energy(probs, config.unary_clip))  # (C, H*W)
     kernel, norm = KERNELS[config.kernel], NORMALIZATIONS[config.normalization]
     crf.addPairwiseGaussian(sxy=config.gauss_sxy, compat=config.gauss_compat,
                             kernel=kernel, normalization=norm)
@@ -161,7 +217,43 @@ def _mean_field(image: np.ndarray, probs: np.ndarray, config: CRFConfig) -> np.n
     crf.addPairwiseBilateral(sxy=config.bilateral_sxy, srgb=config.bilateral_srgb,
                              rgbim=rgb, compat=config.bilateral_compat,
                              kernel=kernel, normalization=norm)
-    return np.asarray(crf.inference(config.iterations), dtype=np.float32).reshape(c, h, w)
+    if config.exact:
+        crf.setUnaryEnergy(unary)
+        q = np.asarray(crf.inference(config.iterations), dtype=np.float32).reshape(c, h, w)
+        return MeanField(q, config.iterations, np.arange(c))
+    # The lattices are built once; each unary below is a ConstUnary of its own label
+    # count (pydensecrf's stepInference works on whatever rows Q and the unary have).
+    bound = _pairwise_bound(crf, h * w)  # (H*W,)
+    slack_rel, slack_abs = BOUND_SLACK
+    kept = np.flatnonzero((unary - unary.min(axis=0) <= bound * (1 + slack_rel) + slack_abs).any(axis=1))
+    crf.setUnary(dcrf.ConstUnary(np.ascontiguousarray(unary[kept])))
+    q, logits, scratch = crf.startInference()
+    logits = eigen.matrixXf(-unary[kept])  # sized, so numpy sees the logits stepInference writes
+    labels, steps = None, 0
+    while steps < config.iterations and len(kept) > 1:  # one label left: it is the answer
+        crf.stepInference(q, logits, scratch)
+        steps += 1
+        if config.stop_changed is None:
+            continue
+        settled = np.asarray(q).argmax(axis=0)  # a step's argmax costs about 1/10 of a 21-label step
+        if labels is not None and (settled != labels).mean() <= config.stop_changed:
+            break
+        labels = settled
+    full = -unary  # pruned labels: no pairwise gain
+    full[kept] = np.asarray(logits)
+    full -= full.max(axis=0)
+    np.exp(full, out=full)
+    full /= full.sum(axis=0)
+    return MeanField(full.reshape(c, h, w), steps, kept)
+
+
+def _pairwise_bound(crf: dcrf.DenseCRF2D, n: int) -> np.ndarray:
+    """B(i) = sum_k w_k (K_k 1)(i), (N,) float32: the logit of one step of a
+    one-label CRF with zero unary from Q = 1, through `crf`'s own kernels."""
+    crf.setUnary(dcrf.ConstUnary(np.zeros((1, n), np.float32)))
+    ones, out = eigen.matrixXf(np.ones((1, n), np.float32)), eigen.matrixXf(np.zeros((1, n), np.float32))
+    crf.stepInference(ones, out, eigen.MatrixXf())
+    return np.asarray(out)[0].copy()
 
 
 def _resize(maps: np.ndarray, size: tuple[int, int], antialias: bool) -> np.ndarray:

@@ -22,7 +22,8 @@ method is chosen (the release used cached EdgeBoxes boxes):
   softmax of the aggregate;
 - EDeconvNet: `softmax(deconv_score .* max(0, fcn_score))`;
 - CRF: the chosen preset as it stands ("paper" is the release's:
-  CONST_KERNEL, NO_NORMALIZATION, unclipped -log p).
+  CONST_KERNEL, NO_NORMALIZATION, unclipped -log p), every label, every
+  mean-field step (`exact`).
 
 `default` is the project's choice where it serves users better: the whole image
 is added so every pixel is covered, boxes under 16 px (before enlarging) are
@@ -31,7 +32,9 @@ map renormalised, padding is the mean colour (what the network sees at a real
 image border after normalisation, rather than a black frame), the ensemble is
 the mean of the two probability maps (the paper's text), and the CRF's kernels
 are normalised (NORMALIZE_SYMMETRIC, DIAG_KERNEL, p clipped at 1e-5:
-pydensecrf's defaults) with the preset's stds and weights. On tests/test_crf.py's
+pydensecrf's defaults) with the preset's stds and weights, and labels that
+cannot win are left out and the steps stop when the labels settle
+(`exact` False: deconvnet/inference/crf.py). On tests/test_crf.py's
 coarse map the normalised "paper" CRF reaches IoU 0.998 where the release's
 unnormalised one reaches 0.973.
 
@@ -61,7 +64,8 @@ NO_CRF = "none"  # the `crf` setting that runs no CRF (argmax of the merged map)
 # The mode table. `default` sets every default inference has, `original` only
 # what the release does otherwise (its values are fixed: `for_mode` refuses
 # others). "crf" is the CRF preset (or "none"); "crf_rules" what the mode
-# changes in the preset, not inherited: `original` runs the preset as it is.
+# changes in the preset, not inherited: `original` runs the preset as it is,
+# exactly (its `exact` is fixed too, as `crf_exact`).
 # Fields of the configs that no mode sets (enlarge, max_side, input_size,
 # dtype, the CRF's stds and weights, ...) are the configs' own defaults.
 MODE_TABLE: dict[str, dict[str, Any]] = {
@@ -69,20 +73,20 @@ MODE_TABLE: dict[str, dict[str, Any]] = {
         "proposals": dict(max_proposals=50, min_side=16, min_side_enlarged=False, whole_image=True, dedupe=True),
         "segmenter": dict(batch_size=32, aggregate="max", merge="softmax", pad="mean", ensemble="mean"),
         "crf": "paper",
-        "crf_rules": dict(kernel="diag", normalization="symmetric", unary_clip=1e-5),
+        "crf_rules": dict(kernel="diag", normalization="symmetric", unary_clip=1e-5, exact=False),
     },
     "original": {
         "proposals": dict(min_side=112, min_side_enlarged=True, whole_image=False, dedupe=False,
                           candidates=1000),  # EdgeBoxes: enough boxes for 50 to pass 112 px
         "segmenter": dict(aggregate="max", merge="raw", pad="black", ensemble="relu-product"),
-        "crf_rules": {},
+        "crf_rules": dict(exact=True),
     },
 }
 
 # The settings a run chooses: the segment job's config fields and both command
 # lines' flags of these names (--max-proposals, ...), passed to `for_mode`.
 RUN_SETTINGS = ("proposals", "edge_model", "max_proposals", "aggregate", "ensemble", "crf", "crf_max_side",
-                "batch_size")
+                "crf_exact", "batch_size")
 
 _PROPOSAL_FIELDS = {f.name for f in dataclasses.fields(ProposalConfig)}
 _SEGMENTER_FIELDS = {f.name for f in dataclasses.fields(SegmenterConfig)}
@@ -108,10 +112,12 @@ def mode_row(mode: str = "default") -> dict[str, Any]:
 
 
 def fixed_by(mode: str) -> dict[str, Any]:
-    """The proposal and segmenter fields a mode other than `default` fixes
-    (the release's rules), with their values; `for_mode` refuses others."""
+    """The settings a mode other than `default` fixes (the release's rules),
+    with their values: proposal and segmenter fields, and `crf_<field>` for
+    its CRF rules; `for_mode` refuses others."""
     own = MODE_TABLE[mode]
-    return {} if mode == "default" else {**own["proposals"], **own["segmenter"]}
+    return {} if mode == "default" else {**own["proposals"], **own["segmenter"],
+                                         **{f"crf_{k}": v for k, v in own["crf_rules"].items()}}
 
 
 def fill_defaults(config: ProposalConfig | SegmenterConfig, section: str) -> None:
@@ -126,7 +132,11 @@ def setting(name: str, mode: str = "default") -> Any:
     """What `for_mode(mode)` uses for one of its settings (`max_proposals`,
     `batch_size`, `crf`, ...) when it is not given; None when no mode sets it."""
     row = mode_row(mode)
-    return row["crf"] if name == "crf" else row["proposals"].get(name, row["segmenter"].get(name))
+    if name == "crf":
+        return row["crf"]
+    if name.startswith("crf_"):
+        return row["crf_rules"].get(name[4:])
+    return row["proposals"].get(name, row["segmenter"].get(name))
 
 
 def for_mode(mode: str = "default", **overrides: Any) -> InferenceConfig:
@@ -176,7 +186,7 @@ def for_mode(mode: str = "default", **overrides: Any) -> InferenceConfig:
     config = InferenceConfig(
         mode, build(lambda: ProposalConfig(**proposals)), build(lambda: SegmenterConfig(**segmenter)),
         None if preset == NO_CRF or preset not in CRF_PRESETS else build(
-            lambda: dataclasses.replace(crf_config(preset), **row["crf_rules"], **crf_fields),
+            lambda: dataclasses.replace(crf_config(preset), **{**row["crf_rules"], **crf_fields}),
             lambda message: re.sub(r"`(\w+)`", r"`crf_\1`", message)))  # here CRF fields are crf_<field>
     if problems:
         raise ValueError("; ".join(problems))
