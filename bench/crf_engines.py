@@ -22,6 +22,8 @@ the largest |Q difference|. JSON lines go to bench/results/crf_engines.json.
 
 from __future__ import annotations
 
+import dataclasses
+
 import argparse
 import os
 import platform
@@ -35,7 +37,7 @@ from PIL import Image
 
 import record  # bench/record.py: this script's folder is on sys.path
 from crf import network_like_probs  # bench/crf.py
-from deconvnet.inference.crf import _mean_field, crf_config
+from deconvnet.inference.crf import crf_config, mean_field
 from deconvnet.inference.lattice import torch_mean_field
 from deconvnet.records import now_iso
 
@@ -94,7 +96,7 @@ def main() -> None:
         image = photo(width, height)
         probs = network_like_probs(colour_regions(image))  # (21, H, W)
         for name, config in SETTINGS.items():
-            cpu, wall, expected = timed(args.repeats, _mean_field, image, probs, config)
+            cpu, wall, expected = timed(args.repeats, lambda *a: mean_field(*a).q, image, probs, dataclasses.replace(config, exact=True))
             rows = [("pydensecrf", None, cpu, wall, expected)]
             for threads in args.threads if args.device == "cpu" else [torch.get_num_threads()]:
                 torch.set_num_threads(threads)

@@ -32,7 +32,7 @@ from deconvnet import storage
 from deconvnet.cli import (Flag, add_flags, add_storage_option_arg, config_error, flag, inference_flags,
                            storage_options_from)
 from deconvnet.weights import check_model_dir
-from pipeline.config import IMAGE_SUFFIXES, SegmentJobConfig
+from pipeline.config import CRF_DEVICES, IMAGE_SUFFIXES, SegmentJobConfig
 
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(SegmentJobConfig) if f.default is not dataclasses.MISSING}
 
@@ -65,6 +65,10 @@ def flags() -> list[Flag]:
              help="CPUs reserved (= torch threads) per actor without GPU (default: reserve 1, "
                   "use the node's cores shared among the pool)"),
         flag("--crf-cpus", type=int, help="CRF tasks at once (default: every free CPU)"),
+        flag("--crf-device", choices=list(CRF_DEVICES), default=d["crf_device"],
+             help="where the CRF runs: cpu, in CPU tasks (pydensecrf); gpu, in the segment actor "
+                  "after the merge (the torch engine on the actor's device), so no probability "
+                  "map leaves the GPU node and no CRF tasks run"),
         flag("--limit", type=int, help="only the first N images (sorted by URI)"),
         flag("--incremental", action=argparse.BooleanOptionalAction, default=d["incremental"],
              help="skip images this model already labelled with these settings under --output"),

@@ -14,6 +14,7 @@ from deconvnet.checks import Problems
 from deconvnet.inference import INFERENCE_MODES, InferenceConfig, for_mode
 from deconvnet.inference.modes import RUN_SETTINGS, setting
 
+CRF_DEVICES = ("cpu", "gpu")  # where the segment job's CRF runs: SegmentJobConfig.crf_device
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
@@ -46,6 +47,9 @@ class SegmentJobConfig:
     # the node's cores, shared by the pool's actors (the model is a CPU-only job's bottleneck).
     cpus_per_actor: float | None = None
     crf_cpus: int | None = None  # CRF tasks at once; None = as many as free CPUs
+    # The CRF on "cpu" workers (pydensecrf), or on "gpu": the torch engine inside the segment
+    # actor, on its device (the CPU in a CPU-only run), so no probability map leaves it.
+    crf_device: str = "cpu"
     limit: int | None = None  # only the first N inputs (sorted), for trials
     incremental: bool = True  # skip inputs already labelled by this model with these settings
     overlays: bool = False  # also write colour overlays as JPEG
@@ -62,6 +66,7 @@ class SegmentJobConfig:
             problems.check(name, bool(getattr(self, name)), "must be a URI or path")
         problems.one_of("inference", INFERENCE_MODES)
         problems.one_of("device", ("auto", "gpu", "cpu"))
+        problems.one_of("crf_device", CRF_DEVICES)
         for name in ("images_per_batch", "gallery_size", "rows_per_part"):
             problems.at_least(name, 1)
         for name in ("crf_cpus", "limit"):
@@ -80,8 +85,13 @@ class SegmentJobConfig:
 
     def inference_config(self) -> InferenceConfig:
         """The proposal, segmenter and CRF configs of this run: its mode's, with
-        the inference settings it gives on top."""
-        return for_mode(self.inference, **{name: getattr(self, name) for name in RUN_SETTINGS})
+        the inference settings it gives on top. With `crf_device` "gpu" the CRF
+        is the torch engine's, which computes every label and step: `exact`, so
+        the labelling key says how the masks were made."""
+        inference = for_mode(self.inference, **{name: getattr(self, name) for name in RUN_SETTINGS})
+        if self.crf_device == "gpu" and inference.crf is not None and not inference.crf.exact:
+            inference = dataclasses.replace(inference, crf=dataclasses.replace(inference.crf, exact=True))
+        return inference
 
     def record(self) -> dict[str, Any]:
         """The config as written to runs/<id>.json: secrets redacted, and each

@@ -3,6 +3,9 @@
     listing (one task: pages ─> windows ─> done-set ─> blocks; listing.py)
       ─> read_and_propose (CPU) ─> SegmentActor (actor pool, GPU) ─> refine (CPU) ─> write (CPU) ─> driver
 
+(no refine with `crf_device` "gpu", where the actor runs the CRF, or without a CRF:
+the actor hands labels to write),
+
 and Parquet parts written by the driver as results stream back. The driver
 holds no list of the input: its memory does not grow with the bucket. Every
 resource setting of the job (batch sizes, GPUs, pool sizes, CRF parallelism,
@@ -163,7 +166,9 @@ def label(ds: ray.data.Dataset, cfg: SegmentJobConfig, info: ModelInfo, labellin
         lo = hi = max(1, int(gpus // cfg.gpus_per_actor)) if on_gpu else 1
     actor_resources = {"num_gpus": cfg.gpus_per_actor} if on_gpu else {"num_cpus": cfg.cpus_per_actor or 1}
     inference = cfg.inference_config()  # proposals, segmenter and CRF of --inference
-    with_crf = inference.crf is not None
+    # The CRF on CPU workers (refine), or in the segment actor on its device: no map leaves it.
+    actor_crf = inference.crf if cfg.crf_device == "gpu" else None
+    with_crf = inference.crf is not None and actor_crf is None
     remote = _remote_env()
     # Reading and decoding wait on storage as much as they compute: half a CPU
     # each (writing too). The different request also keeps Ray from fusing them
@@ -176,7 +181,7 @@ def label(ds: ray.data.Dataset, cfg: SegmentJobConfig, info: ModelInfo, labellin
         fn_constructor_kwargs={
             "model": cfg.model, "fcn_model": cfg.fcn_model,
             "config": inference.segmenter,
-            "with_crf": with_crf,
+            "with_crf": with_crf, "crf": actor_crf,
             "cpu_threads": int(cfg.cpus_per_actor) if cfg.cpus_per_actor else None, "pool_size": hi,
             "storage_options": opts},
         # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1: a

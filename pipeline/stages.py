@@ -3,6 +3,7 @@ over a Ray Data batch: a dict of column name -> numpy array.
 
     read_and_propose  (CPU tasks)   read bytes, decode, propose boxes
     SegmentActor      (GPU actors)  crop + forward + paste + merge, on the actor
+                                    (+ the dense CRF on its device: `crf_device` "gpu")
     refine            (CPU tasks)   dense CRF -> label map and confidence
     write             (CPU tasks)   PNG mask (+ overlay), per-class counts -> result row
 
@@ -88,16 +89,18 @@ def read_and_propose(batch: Batch, proposals: ProposalConfig, storage_options: d
 class SegmentActor:
     """The GPU stage: loads the model once per actor, then turns batches of
     images with their boxes into merged maps. All proposals of an image stay
-    here; what leaves is one map per image (probabilities for the CRF, or the
-    label map itself when there is no CRF)."""
+    here; what leaves is one map per image (probabilities for the CRF workers
+    when `with_crf`, or the label map itself: the argmax, or with `crf` the
+    dense CRF's, run here by the torch engine on the model's device)."""
 
     def __init__(self, model: str, fcn_model: str | None, config: SegmenterConfig,
-                 with_crf: bool, cpu_threads: int | None, pool_size: int, storage_options: dict):
+                 with_crf: bool, cpu_threads: int | None, pool_size: int, storage_options: dict,
+                 crf: CRFConfig | None = None):
         if not torch.cuda.is_available():  # None: this actor's share of the node's cores
             torch.set_num_threads(cpu_threads or max(1, (os.cpu_count() or 1) // pool_size))
         self.segmenter = Segmenter.from_model_dir(model, config, fcn_uri=fcn_model,
                                                   storage_options=storage_options)
-        self.with_crf = with_crf
+        self.with_crf, self.crf = with_crf, crf
 
     def _maps(self, images: list[np.ndarray], boxes: list[np.ndarray]) -> list[np.ndarray | Exception]:
         try:
@@ -122,8 +125,11 @@ class SegmentActor:
                 _error(batch, i, f"segmentation failed: {type(m).__name__}: {m}", False)
             elif self.with_crf:
                 probs[i] = m.astype(np.float16)  # half the bytes to the CRF workers
-            else:
-                labels[i], confidence[i] = label_map(batch["image"][i], m, None)
+            else:  # the CRF (if any) here: one image at a time, as their sizes differ
+                t1 = time.perf_counter()
+                labels[i], confidence[i] = label_map(batch["image"][i], m, self.crf, engine="torch",
+                                                     device=self.segmenter.device)
+                batch["seconds"][i] += time.perf_counter() - t1
         del batch["boxes"]
         if self.with_crf:
             batch["probs"] = ragged(probs)

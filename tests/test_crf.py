@@ -70,6 +70,21 @@ def test_max_side_returns_full_size_labels_that_mostly_agree(two_regions):
     assert iou(labels == 1, mask) > iou(probs.argmax(axis=0) == 1, mask)
 
 
+@pytest.mark.parametrize("preset", sorted(CRF_PRESETS))
+def test_the_torch_engine_gives_pydensecrfs_labels(two_regions, preset):
+    """engine "torch" (lattice.py, here on the CPU; every label and step) against
+    pydensecrf's exact computation on the CPU, full size and through max_side;
+    pydensecrf runs on the CPU only."""
+    image, _, probs = two_regions
+    for config in (crf_config(preset, exact=True), crf_config(preset, exact=True, max_side=48)):
+        expected, confidence = dense_crf(image, probs, config)
+        labels, torch_confidence = dense_crf(image, probs, config, engine="torch")
+        assert (labels == expected).mean() >= 0.999
+        np.testing.assert_allclose(torch_confidence, confidence, atol=1e-3)
+    with pytest.raises(ValueError, match="`engine` 'pydensecrf' on `device` 'cuda'"):
+        dense_crf(image, probs, crf_config(preset), device="cuda", engine="pydensecrf")
+
+
 def test_presets_differ_and_match_their_sources():
     assert CRF_PRESETS["paper"] == CRFConfig(gauss_sxy=3, gauss_compat=3, bilateral_sxy=20,
                                              bilateral_srgb=3, bilateral_compat=5, iterations=10,

@@ -177,6 +177,55 @@ def test_inference_original_runs_the_releases_rules(ray_session, tmp_path, tiny_
     assert record["config"]["inference"] == "original"
 
 
+def test_crf_device_gpu_runs_the_crf_in_the_segment_actor(ray_session, tmp_path):
+    """--crf-device gpu: the torch CRF in the segment actor (its device is the CPU
+    here: the same code path as on a GPU node), no refine stage; the masks are the
+    default's (pydensecrf in CPU tasks) up to float noise."""
+    import ray
+    import torch
+
+    from deconvnet.model import PRESETS, DeconvNet
+    from deconvnet.weights import ModelInfo, read_model_info, save_model_dir
+    from pipeline.job import label
+
+    torch.manual_seed(0)  # the tiny model with its weights x3: the CRF keeps a few labels, not one
+    net = DeconvNet(PRESETS["tiny"])
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(3)
+    tiny_model = str(tmp_path / "model")
+    save_model_dir(net, tiny_model, ModelInfo(config=PRESETS["tiny"]))
+    files = {k: v for k, v in CORPUS.items() if k in ("ok/scene.jpg", "ok/palette.png")}
+    images = upload(str(tmp_path), files, prefix="in")
+    out = {device: str(tmp_path / device) for device in ("cpu", "gpu")}
+    argv = {device: ["--input", images, "--output", out[device], "--model", tiny_model, "--fail-on-error",
+                     "--crf", "deeplab", *FAST] for device in out}
+    assert segment_dataset.main(argv["cpu"]) == 0  # the default: --crf-device cpu
+    assert segment_dataset.main([*argv["gpu"], "--crf-device", "gpu"]) == 0
+    for name in ("scene", "palette"):
+        on_cpu, on_gpu = (decode_label_png(storage.read_bytes(f"{out[d]}/masks/ok/{name}.png")) for d in out)
+        assert on_cpu.shape == on_gpu.shape and (on_cpu == on_gpu).mean() >= 0.999, name
+        assert len(np.unique(on_cpu)) > 1, name  # a comparison of labels, not of one colour
+    confidence = [{r["image_uri"]: r["mean_confidence"] for r in predictions(out[d])} for d in out]
+    assert confidence[0] == pytest.approx(confidence[1], abs=1e-4)
+    assert [r["config"]["crf_device"] for d in out for r in run_records(out[d])] == ["cpu", "gpu"]
+
+    def stages(device: str) -> str:
+        cfg = segment_dataset.parse_config([*argv[device], "--crf-device", device])
+        return repr(label(ray.data.from_items([{"image_uri": "x"}]), cfg, read_model_info(tiny_model), "r"))
+
+    assert "MapBatches(refine)" in stages("cpu") and "MapBatches(refine)" not in stages("gpu")
+    assert "MapBatches(SegmentActor)" in stages("gpu")
+
+
+def test_crf_device_is_checked_by_the_config():
+    from pipeline.config import SegmentJobConfig
+
+    assert SegmentJobConfig(input="in", output="out", model="m").crf_device == "cpu"
+    with pytest.raises(ValueError, match="`crf_device` must be one of cpu, gpu, got 'cuda'"):
+        SegmentJobConfig(input="in", output="out", model="m", crf_device="cuda")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "/nonexistent/model"], "--model: /nonexistent/model is not a model directory"),
     (["--crf", "fancy"], "invalid choice: 'fancy'"),
@@ -189,6 +238,7 @@ def test_inference_original_runs_the_releases_rules(ray_session, tmp_path, tiny_
      "--inference original: --ensemble: inference 'original' uses 'relu-product'"),
     (["--inference", "paper"], "invalid choice: 'paper'"),
     (["--gallery-size", "5"], "--gallery-size needs --gallery"),
+    (["--crf-device", "cuda"], "invalid choice: 'cuda'"),
 ])
 def test_bad_arguments_are_one_line_and_exit_2(tmp_path, tiny_model, args, message):
     (tmp_path / "in").mkdir()

@@ -79,10 +79,13 @@ import torch.nn.functional as F
 
 from ..checks import Problems
 from ..data.imageio import downscale
+from .lattice import torch_mean_field
 
 KERNELS = {"const": dcrf.CONST_KERNEL, "diag": dcrf.DIAG_KERNEL, "full": dcrf.FULL_KERNEL}
 NORMALIZATIONS = {"none": dcrf.NO_NORMALIZATION, "before": dcrf.NORMALIZE_BEFORE,
                   "after": dcrf.NORMALIZE_AFTER, "symmetric": dcrf.NORMALIZE_SYMMETRIC}
+# The mean-field engines: the release's C++ through pydensecrf (CPU), or lattice.py's torch port.
+CRF_ENGINES = ("pydensecrf", "torch")
 # The floor of p when the unary is not clipped: float32's smallest normal, so
 # -log p <= 87.34 instead of +inf for p == 0.
 UNCLIPPED_FLOOR = float(np.finfo(np.float32).tiny)
@@ -144,27 +147,35 @@ def crf_config(preset: str, **overrides: float | int | None) -> CRFConfig:
     return dataclasses.replace(CRF_PRESETS[preset], **overrides)
 
 
-def label_map(image: np.ndarray | None, probs: np.ndarray, crf: CRFConfig | None) -> tuple[np.ndarray, float]:
+def label_map(image: np.ndarray | None, probs: np.ndarray, crf: CRFConfig | None,
+              device: str | torch.device = "cpu", engine: str | None = None) -> tuple[np.ndarray, float]:
     """The last step of inference, the one place it is chosen: (C, H, W)
     probabilities -> ((H, W) uint8 labels, their mean confidence), through the
-    dense CRF on the (H, W, 3) uint8 `image`, or, with `crf` None, the argmax
-    of `probs` and its mean probability (no image needed)."""
+    dense CRF on the (H, W, 3) uint8 `image` (`device`, `engine`: dense_crf's),
+    or, with `crf` None, the argmax of `probs` and its mean probability (no image needed)."""
     if crf is None:
         return probs.argmax(0).astype(np.uint8), float(probs.max(0).mean())
-    labels, confidence = dense_crf(image, probs, crf)
+    labels, confidence = dense_crf(image, probs, crf, device=device, engine=engine)
     return labels, float(confidence.mean())
 
 
-def dense_crf(image: np.ndarray, probs: np.ndarray, config: CRFConfig,
-              device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+def dense_crf(image: np.ndarray, probs: np.ndarray, config: CRFConfig, device: str | torch.device = "cpu",
+              engine: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Refine class probabilities with a dense CRF.
 
     image: (H, W, 3) uint8 RGB. probs: (C, H, W) probabilities summing to 1
-    over C, C <= 255. device: "cpu" (pydensecrf). Returns `(labels, confidence)`:
-    the (H, W) uint8 argmax of the CRF's output distribution and the (H, W)
-    float32 probability it gives that label, so `confidence.mean()` is the
-    image's mean confidence.
+    over C, C <= 255. Returns `(labels, confidence)`: the (H, W) uint8 argmax of
+    the CRF's output distribution and the (H, W) float32 probability it gives
+    that label, so `confidence.mean()` is the image's mean confidence.
+    engine: a key of CRF_ENGINES; None: "pydensecrf" on the CPU, "torch" on any
+    other `device` ("cuda", "cuda:1", ...). "pydensecrf" runs `mean_field`
+    (pruned and stopped early unless `config.exact`) on the CPU only; "torch"
+    runs lattice.py's engine on `device`, CPU included, every label and step.
     """
+    engine = engine or ("pydensecrf" if torch.device(device).type == "cpu" else "torch")
+    if engine not in CRF_ENGINES or (engine == "pydensecrf" and torch.device(device).type != "cpu"):
+        raise ValueError(f"`engine` {engine!r} on `device` {str(device)!r}: pydensecrf runs on the CPU, "
+                         f"torch on any device; engines: {sorted(CRF_ENGINES)}")
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
     if probs.ndim != 3 or probs.shape[1:] != image.shape[:2]:
@@ -173,15 +184,18 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, config: CRFConfig,
     if not 1 <= probs.shape[0] <= 255:
         raise ValueError("1 to 255 classes fit a uint8 label map (255 = ignore), "
                          f"got {probs.shape[0]}")
-    if device != "cpu":
-        raise ValueError(f"`device` must be 'cpu' (the torch engine is not part of this build), got {device!r}")
-    engine = mean_field
+
+    def run(image: np.ndarray, probs: np.ndarray) -> np.ndarray:  # the engine's (C, h, w) distribution
+        if engine == "torch":
+            return torch_mean_field(image, probs, config, device=device)
+        return mean_field(image, probs, config).q
+
     h, w = image.shape[:2]
     if config.max_side is None or max(h, w) <= config.max_side:
-        q = engine(image, probs, config).q  # (C, H, W)
+        q = run(image, probs)  # (C, H, W)
     else:
         small, _ = downscale(image, config.max_side)
-        q = engine(small, _resize(probs, small.shape[:2], antialias=True), config).q  # (C, h, w)
+        q = run(small, _resize(probs, small.shape[:2], antialias=True))  # (C, h, w)
         q = _resize(q, (h, w), antialias=False)  # (C, H, W)
     return q.argmax(axis=0).astype(np.uint8), q.max(axis=0)
 

@@ -270,7 +270,7 @@ def _softmax(energy: torch.Tensor) -> torch.Tensor:
 
 def torch_mean_field(image: np.ndarray, probs: np.ndarray, config: CRFConfig,
                      device: str | torch.device = "cpu") -> np.ndarray:
-    """The torch engine with pydensecrf's semantics (crf.py's `_mean_field`):
+    """The torch engine with pydensecrf's semantics (crf.py's `mean_field` with `exact`: every label, every step):
     (H, W, 3) uint8 image, (C, H, W) probabilities -> (C, H, W) float32 Q."""
     from .crf import unary_energy  # crf.py may import this module for its engines
 
