@@ -26,6 +26,7 @@ SCHEMA = pa.schema([
     ("classes", pa.list_(pa.string())),  # class names present in the mask
     ("class_pixels", pa.list_(pa.int64())),  # pixels per class id, all classes
     ("mean_confidence", pa.float32()),
+    ("uncertainty", pa.float32()),  # share of pixels whose label's probability < crf.UNCERTAIN_BELOW; null in old parts
     ("num_proposals", pa.int32()),
     ("source_size", pa.int64()),
     ("source_version", pa.string()),  # ETag or mtime: a changed file is labelled again
@@ -51,6 +52,13 @@ def columns(names: Iterable[str] | None = None) -> pa.Schema:
     if unknown:
         raise ValueError(f"not prediction columns: {', '.join(unknown)} (columns: {', '.join(SCHEMA.names)})")
     return pa.schema([SCHEMA.field(n) for n in names])
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` as `schema`: its columns in that order and cast to those types; a
+    column it lacks (a part written before the column was added) is all null."""
+    return pa.table([table.column(f.name).cast(f.type) if f.name in table.column_names
+                     else pa.nulls(table.num_rows, f.type) for f in schema], schema=schema)
 
 
 def table_from_batch(batch: dict[str, np.ndarray], classes: Sequence[str]) -> pa.Table:

@@ -1,5 +1,5 @@
 """Dense CRF: it sharpens a coarse probability map along colour edges; presets,
-overrides and the reduced-resolution path."""
+overrides and the reduced-resolution path; `label_map`'s confidence and uncertainty."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deconvnet.inference.crf import CRF_PRESETS, CRFConfig, crf_config, dense_crf
+from deconvnet.inference.crf import CRF_PRESETS, UNCERTAIN_BELOW, CRFConfig, crf_config, dense_crf, label_map
 
 H, W = 80, 96
 
@@ -90,3 +90,26 @@ def test_probs_must_match_the_image():
     image = np.zeros((10, 12, 3), np.uint8)
     with pytest.raises(ValueError, match="probs"):
         dense_crf(image, np.full((2, 12, 10), 0.5, np.float32), crf_config("paper"))
+
+
+def test_uncertainty_is_the_share_of_pixels_whose_label_is_under_half():
+    """6 of 20 pixels have a top probability of 0.4: uncertainty 0.3, from the
+    argmax and from a CRF of no iterations (its distribution is `probs`); a real
+    CRF gives the figure of its own, smoothed, distribution."""
+    assert UNCERTAIN_BELOW == 0.5
+    probs = np.zeros((3, 4, 5), np.float32)
+    probs[:] = np.array([0.7, 0.2, 0.1], np.float32)[:, None, None]  # certain: 0.7, class 0
+    low = [(0, 0), (0, 4), (1, 2), (2, 2), (3, 1), (3, 3)]
+    for y, x in low:
+        probs[:, y, x] = [0.35, 0.4, 0.25]  # class 1 with 0.4: uncertain
+    image = np.full((4, 5, 3), 128, np.uint8)
+    argmax = label_map(None, probs, None)
+    assert argmax.uncertainty == pytest.approx(0.3) and argmax.labels.sum() == len(low)
+    assert argmax.mean_confidence == pytest.approx((14 * 0.7 + 6 * 0.4) / 20)
+    unrefined = label_map(image, probs, crf_config("paper", iterations=0))
+    assert unrefined.uncertainty == pytest.approx(0.3)
+    np.testing.assert_array_equal(unrefined.labels, argmax.labels)
+    refined = label_map(image, probs, crf_config("deeplab"))  # the flat image pulls the odd pixels to class 0
+    assert refined.uncertainty < 0.3 and (refined.labels == 0).all()
+    labels, confidence, uncertainty = refined  # unpacks like a tuple
+    assert uncertainty == pytest.approx(float((dense_crf(image, probs, crf_config("deeplab"))[1] < 0.5).mean()))

@@ -69,14 +69,19 @@ def read_footer(uri: str, storage_options=None) -> pq.FileMetaData:
 
 def read_parts(parts: list[str], columns: list[str] | None, storage_options=None) -> list[pa.Table]:
     """The parts' tables (these columns, typed by the schema), read concurrently.
-    A small part is one GET; a compacted one is read by ranges, only the columns asked for."""
+    A small part is one GET; a compacted one is read by ranges, only the columns asked for.
+    A column that a part written before it existed lacks reads as nulls (`rows.conform`)."""
     schema = rows.columns(columns)
+
+    def conformed(f) -> pa.Table:
+        part = pq.ParquetFile(f)
+        return rows.conform(part.read(columns=[n for n in schema.names if n in part.schema_arrow.names]), schema)
 
     def read(uri: str) -> pa.Table:
         if layout.is_compacted(uri):
             with storage.open_input(uri, storage_options) as f:
-                return pq.read_table(f, columns=columns).cast(schema)
-        return pq.read_table(io.BytesIO(storage.read_bytes(uri, storage_options)), columns=columns).cast(schema)
+                return conformed(f)
+        return conformed(io.BytesIO(storage.read_bytes(uri, storage_options)))
 
     return list(storage.read_concurrently(read, parts))
 
