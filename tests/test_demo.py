@@ -35,7 +35,7 @@ def test_the_kept_model_loads_and_says_how_to_make_it_again():
     assert provenance["val_mean_iou"] > 0.8
     assert (MODEL / "model.safetensors").stat().st_size < 5_000_000
     _, info = load_model_dir(str(MODEL))  # the weights match the config
-    assert info.classes[:5] == ["background", "aeroplane", "bicycle", "bird", "boat"]
+    assert list(info.classes[:5]) == ["background", "aeroplane", "bicycle", "bird", "boat"]
     makefile = (ROOT / "Makefile").read_text()
     assert "demo-model: venv\n\t$(PY) jobs/demo.py --retrain\n" in makefile
 
