@@ -1,7 +1,7 @@
 # One entry point: `make demo` labels held-out scenes with the small model kept
 # in models/demo/ (minutes), `make demo-model` retrains that model from scratch
-# (seeded, 10 to 20 minutes on two cores), `make test` runs the suite. All create
-# .venv first (idempotent).
+# (seeded; docs/performance.md's learning check), `make test` runs the suite.
+# All create .venv first (idempotent).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
