@@ -39,7 +39,7 @@ import matplotlib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED = "0"  # of the generated scenes and of training
 # The tiny preset's recipe in half the steps (75 + 125; evaluated at the end of each
-# stage): val mean IoU 0.845 instead of 0.920, in half the time (docs/performance.md).
+# stage): val mean IoU 0.845 instead of 0.920 (docs/performance.md, the learning check).
 TRAIN = ("--preset", "tiny", "--num-workers", "1", "--seed", SEED,
          "--stage1-steps", "75", "--stage2-steps", "125", "--eval-every", "200")
 RUN_NAME = "demo-model"
