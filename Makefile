@@ -1,11 +1,13 @@
-# One entry point: `make demo` runs the main job on the embedded default,
-# `make test` runs the suite. Both create .venv first (idempotent).
+# One entry point: `make demo` labels held-out scenes with the small model kept
+# in models/demo/ (minutes), `make demo-model` retrains that model from scratch
+# (seeded; docs/performance.md's learning check), `make test` runs the suite.
+# All create .venv first (idempotent).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: venv test demo clean
+.PHONY: venv test demo demo-model clean
 
 venv: $(VENV)/.installed
 
@@ -25,6 +27,9 @@ test: venv
 
 demo: venv
 	$(PY) jobs/demo.py
+
+demo-model: venv
+	$(PY) jobs/demo.py --retrain
 
 clean:
 	rm -rf $(VENV) demo-out

@@ -82,7 +82,7 @@ def cmd_segment(args, parser) -> int:
     except (FileNotFoundError, ValueError) as e:  # BadImage is a ValueError
         parser.error(("image: " if isinstance(e, BadImage) else "") + config_error(e, args.flag_of))
     probs = segmenter.probabilities([image], [boxes])[0]  # (C, H, W)
-    labels, confidence = label_map(image, probs, cfg.crf)
+    labels, confidence, uncertainty = label_map(image, probs, cfg.crf)
     palette = segmenter.info.palette_array()
     storage.write_bytes(args.out, encode_label_png(labels, palette), opts)
     if args.overlay:
@@ -91,7 +91,7 @@ def cmd_segment(args, parser) -> int:
     present = ", ".join(f"{segmenter.info.classes[k]} {100 * counts[k] / labels.size:.1f}%"
                         for k in np.argsort(-counts) if counts[k])
     print(f"{args.image}: {image.shape[1]}x{image.shape[0]}, {len(boxes)} proposals, "
-          f"mean confidence {confidence:.3f}; {present}")
+          f"mean confidence {confidence:.3f}, uncertain pixels {100 * uncertainty:.1f}%; {present}")
     print(f"wrote {args.out}" + (f" and {args.overlay}" if args.overlay else ""))
     return 0
 

@@ -5,7 +5,8 @@ a person what the labels are like.
     chart    each class's share of all labelled pixels, over every image the
              output holds (inline SVG)
     sample   up to N images with their overlay (or mask), classes and pixel
-             shares, mean confidence; error rows in the sample show their reason
+             shares, mean confidence, uncertainty; error rows in the sample show their reason
+    review   the images least certain of their labels (largest `uncertainty`), first
     errors   how many images could not be labelled, and the first reasons
 
 It works from result rows (the Parquet rows of predictions/, one per image:
@@ -36,9 +37,12 @@ from urllib.parse import quote
 
 import numpy as np
 
+from deconvnet.inference.crf import UNCERTAIN_BELOW
+
 COLUMNS = ("image_uri", "mask_uri", "overlay_uri", "status", "error", "permanent", "width", "height",
-           "classes", "class_pixels", "mean_confidence", "model_id", "run_id")  # what a page needs of a row
+           "classes", "class_pixels", "mean_confidence", "uncertainty", "model_id", "run_id")  # what a page needs
 ERROR_EXAMPLES = 10  # error rows listed by name and reason
+REVIEW_EXAMPLES = 10  # the least certain images listed
 CARD_CLASSES = 6  # classes listed under each image, largest share first
 
 
@@ -113,15 +117,17 @@ class Summary:
     models: Counter = field(default_factory=Counter)  # model_id -> images
     sample: list[dict[str, Any]] = field(default_factory=list)  # sorted by image_uri
     error_examples: list[dict[str, Any]] = field(default_factory=list)  # the first by image_uri
+    least_certain: list[dict[str, Any]] = field(default_factory=list)  # ok rows, largest uncertainty first
 
 
 def summarize(rows: Iterable[dict[str, Any]], sample_size: int,
-              error_examples: int = ERROR_EXAMPLES) -> Summary:
+              error_examples: int = ERROR_EXAMPLES, review: int = REVIEW_EXAMPLES) -> Summary:
     """Fold result rows (one per image) into a Summary, holding only the sample."""
     s = Summary()
     pixels = np.zeros(0, np.int64)
     picked: list[tuple[tuple[int, str], dict[str, Any]]] = []
     errors: list[tuple[str, dict[str, Any]]] = []
+    uncertain: list[tuple[tuple[float, str], dict[str, Any]]] = []  # rows written before the column have None
     for r in rows:
         s.images += 1
         s.models[r["model_id"]] += 1
@@ -132,6 +138,8 @@ def summarize(rows: Iterable[dict[str, Any]], sample_size: int,
             if len(counts) > len(pixels):
                 pixels = np.pad(pixels, (0, len(counts) - len(pixels)))
             pixels[: len(counts)] += counts
+            if r.get("uncertainty") is not None:
+                uncertain.append(((-r["uncertainty"], r["image_uri"]), r))
         else:
             s.errors += 1
             errors.append((r["image_uri"], r))
@@ -139,9 +147,12 @@ def summarize(rows: Iterable[dict[str, Any]], sample_size: int,
             picked = _smallest(picked, sample_size)
         if len(errors) >= 4 * error_examples + 64:
             errors = _smallest(errors, error_examples)
+        if len(uncertain) >= 4 * review + 64:
+            uncertain = _smallest(uncertain, review)
     s.class_pixels = pixels.tolist()
     s.sample = sorted((r for _, r in _smallest(picked, sample_size)), key=lambda r: r["image_uri"])
     s.error_examples = [r for _, r in _smallest(errors, error_examples)]
+    s.least_certain = [r for _, r in _smallest(uncertain, review)]
     return s
 
 
@@ -226,9 +237,28 @@ def _card(r: dict[str, Any], output: str, palette: np.ndarray) -> str:
     if len(top) > CARD_CLASSES:
         chips += f"<li>+{len(top) - CARD_CLASSES} more</li>"
     meta = (f'{int(r["width"])}&times;{int(r["height"])} px · confidence {float(r["mean_confidence"]):.2f}'
+            + (f' · uncertain {escape(_pct(r["uncertainty"]))}' if r.get("uncertainty") is not None else "")
             + (f" · {links}" if links else ""))
     return (f'<figure class="card">{picture}<figcaption>{name}<div class="meta">{meta}</div>'
             f'<ul class="classes">{chips}</ul></figcaption></figure>')
+
+
+def _least_certain(s: Summary, output: str) -> str:
+    if not s.least_certain:
+        return ""
+    rows = []
+    for r in s.least_certain:
+        href = relative_href(r["overlay_uri"], output) or relative_href(r["mask_uri"], output)
+        name = escape(r["image_uri"])
+        link = f'<a href="{href}">{name}</a>' if href else name
+        rows.append(f'<tr><td class="name">{link}</td>'
+                    f'<td>{escape(_pct(r["uncertainty"]))}</td><td>{float(r["mean_confidence"]):.2f}</td>'
+                    f'<td>{escape(", ".join(r["classes"] or []))}</td></tr>')
+    return (f"<h2>Least certain first: {_count(len(rows), 'image')} to review</h2>"
+            f"<p>Uncertain: the share of an image's pixels whose label has a probability under {UNCERTAIN_BELOW}. "
+            "All images: sort predictions/ by its <code>uncertainty</code> column.</p>"
+            f'<table><tr><th>image</th><th>uncertain</th><th>confidence</th><th>classes</th></tr>{"".join(rows)}'
+            "</table>")
 
 
 def _errors(s: Summary) -> str:
@@ -293,6 +323,7 @@ that run labelled {c.get("ok", 0):,}, found {_count(c.get("error", 0), "error")}
 <p>Always the same images: those whose URI hashes lowest. Each shows its overlay, or its mask
 when the run that labelled it wrote no overlay.</p>
 <div class="grid">{cards}</div>
+{_least_certain(s, output)}
 {_errors(s)}
 </body></html>
 """

@@ -27,6 +27,7 @@ SCHEMA = pa.schema([
     ("classes", pa.list_(pa.string())),  # class names present in the mask
     ("class_pixels", pa.list_(pa.int64())),  # pixels per class id, all classes
     ("mean_confidence", pa.float32()),
+    ("uncertainty", pa.float32()),  # share of pixels whose label's probability < crf.UNCERTAIN_BELOW; null in old parts
     ("num_proposals", pa.int32()),
     ("source_size", pa.int64()),
     ("source_version", pa.string()),  # ETag or mtime: a changed file is labelled again

@@ -4,7 +4,7 @@ over a Ray Data batch: a dict of column name -> numpy array.
     read_and_propose  (CPU tasks)   read bytes, decode, propose boxes
     SegmentActor      (GPU actors)  crop + forward + paste + merge, on the actor
                                     (+ the dense CRF on its device: `crf_device` "gpu")
-    refine            (CPU tasks)   dense CRF -> label map and confidence
+    refine            (CPU tasks)   dense CRF -> label map, confidence and uncertainty
     write             (CPU tasks)   PNG mask (+ overlay), per-class counts -> result row
 
 Rows never disappear: a file that cannot be read or decoded becomes a row with
@@ -118,7 +118,7 @@ class SegmentActor:
         elapsed = time.perf_counter() - t0
         total = max(1, sum(len(batch["boxes"][i]) for i in ok))
         probs, labels = [np.zeros((0, 0, 0), np.float16)] * n, [EMPTY_LABELS] * n
-        confidence = np.zeros(n, np.float32)
+        confidence, uncertainty = np.zeros(n, np.float32), np.zeros(n, np.float32)
         for i, m in zip(ok, maps):
             batch["seconds"][i] += elapsed * len(batch["boxes"][i]) / total
             if isinstance(m, Exception):
@@ -127,30 +127,32 @@ class SegmentActor:
                 probs[i] = m.astype(np.float16)  # half the bytes to the CRF workers
             else:  # the CRF (if any) here: one image at a time, as their sizes differ
                 t1 = time.perf_counter()
-                labels[i], confidence[i] = label_map(batch["image"][i], m, self.crf, engine="torch",
-                                                     device=self.segmenter.device)
+                labels[i], confidence[i], uncertainty[i] = label_map(
+                    batch["image"][i], m, self.crf, engine="torch", device=self.segmenter.device)
                 batch["seconds"][i] += time.perf_counter() - t1
         del batch["boxes"]
         if self.with_crf:
             batch["probs"] = ragged(probs)
         else:
             batch["labels"], batch["mean_confidence"] = ragged(labels), confidence
+            batch["uncertainty"] = uncertainty
             batch["image"] = _images_for_overlays(batch)
         return batch
 
 
 def refine(batch: Batch, crf: CRFConfig) -> Batch:
-    """Dense CRF on each merged map -> label map and mean confidence."""
+    """Dense CRF on each merged map -> label map, mean confidence and uncertainty."""
     batch, n = _writable(batch), len(batch["image_uri"])
-    labels, confidence = [EMPTY_LABELS] * n, np.zeros(n, np.float32)
+    labels, confidence, uncertainty = [EMPTY_LABELS] * n, np.zeros(n, np.float32), np.zeros(n, np.float32)
     for i in range(n):
         if batch["status"][i] != "ok":
             continue
         t0 = time.perf_counter()
-        labels[i], confidence[i] = label_map(batch["image"][i], batch["probs"][i].astype(np.float32), crf)
+        labels[i], confidence[i], uncertainty[i] = label_map(batch["image"][i], batch["probs"][i].astype(np.float32),
+                                                             crf)
         batch["seconds"][i] += time.perf_counter() - t0
     del batch["probs"]
-    batch["labels"], batch["mean_confidence"] = ragged(labels), confidence
+    batch["labels"], batch["mean_confidence"], batch["uncertainty"] = ragged(labels), confidence, uncertainty
     batch["image"] = _images_for_overlays(batch)
     return batch
 

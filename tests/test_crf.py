@@ -1,6 +1,7 @@
 """Dense CRF: it sharpens a coarse probability map along colour edges; presets,
 overrides and the reduced-resolution path; the exact computation against label
-pruning and early stopping, and `--crf-exact` from both command lines."""
+pruning and early stopping, and `--crf-exact` from both command lines;
+`label_map`'s confidence and uncertainty."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import torch
 from PIL import Image
 
 from deconvnet.inference import for_mode
-from deconvnet.inference.crf import (BOUND_SLACK, CRF_PRESETS, KERNELS, NORMALIZATIONS, CRFConfig, crf_config,
-                                     dense_crf, mean_field, unary_energy)
+from deconvnet.inference.crf import (BOUND_SLACK, CRF_PRESETS, UNCERTAIN_BELOW, KERNELS, NORMALIZATIONS, CRFConfig, crf_config,
+                                     dense_crf, label_map, mean_field, unary_energy)
 
 H, W = 80, 96
 

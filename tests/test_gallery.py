@@ -40,7 +40,7 @@ def row(uri: str, status: str = "ok", pixels=(30, 10), output: str = "out", **kw
          "overlay_uri": "", "status": status, "error": "" if status == "ok" else "not an image",
          "permanent": status != "ok", "width": 8, "height": 5,
          "classes": [VOC_CLASSES[k] for k, v in enumerate(pixels) if v] if status == "ok" else [],
-         "class_pixels": pixels if status == "ok" else [0] * 21, "mean_confidence": 0.75,
+         "class_pixels": pixels if status == "ok" else [0] * 21, "mean_confidence": 0.75, "uncertainty": 0.25,
          "model_id": "deconvnet-test", "run_id": RUN["run_id"]}
     return {**r, **kw}
 
@@ -68,6 +68,23 @@ def test_the_chart_sums_class_pixels_of_ok_rows():
     assert re.findall(r"<text[^>]*>([^<]+)</text>", chart) == ["background", "80.0%", "aeroplane", "10.0%",
                                                                 "bicycle", "10.0%"]
     assert "No pixels of: bird, boat," in page and "Errors: 1 image could not be labelled" in page
+
+
+def test_the_least_certain_images_are_listed_first_and_cards_show_uncertainty():
+    rows = [row(f"s3://b/in/{i:03d}.jpg", uncertainty=(i * 37 % 100) / 100) for i in range(100)]
+    rows += [row("s3://b/in/old.jpg", uncertainty=None),  # a row written before the column: not ranked
+             row("s3://b/in/bad.jpg", "error", uncertainty=None)]
+    random.shuffle(rows)
+    s = gallery.summarize(rows, sample_size=200, review=3)
+    assert [(r["image_uri"], r["uncertainty"]) for r in s.least_certain] == [
+        ("s3://b/in/027.jpg", 0.99), ("s3://b/in/054.jpg", 0.98), ("s3://b/in/081.jpg", 0.97)]
+    page = " ".join(gallery.render(s, output="out", classes=VOC_CLASSES, palette=voc_palette(21), run=RUN).split())
+    assert "Least certain first: 3 images to review" in page
+    review = page[page.index("Least certain first"):page.index("<h2>Errors")]
+    assert re.findall(r'<a href="([^"]+)">', review) == ["masks/027.png", "masks/054.png", "masks/081.png"]
+    assert "<td>99.0%</td><td>0.75</td><td>background, aeroplane</td>" in review
+    cards = page[page.index('<div class="grid">'):page.index("Least certain first")]
+    assert "confidence 0.75 · uncertain 99.0%" in cards and cards.count("uncertain") == 100  # not old.jpg's
 
 
 def test_hostile_keys_and_messages_are_escaped_and_links_percent_encoded():

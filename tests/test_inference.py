@@ -219,6 +219,7 @@ def test_modes_are_defined_in_one_place_and_clash_loudly():
 
 
 def test_segment_command_with_original_inference(tmp_path):
+    import re
     import subprocess
     import sys
 
@@ -232,6 +233,7 @@ def test_segment_command_with_original_inference(tmp_path):
                         "--out", str(tmp_path / "p.png")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "5 proposals" in r.stdout  # no whole-image box
+    assert re.search(r"mean confidence 0\.\d{3}, uncertain pixels \d+\.\d%", r.stdout), r.stdout
     bad = subprocess.run([sys.executable, "-m", "deconvnet", "segment", str(PHOTO), "--model", str(tmp_path / "m"),
                           "--inference", "original", "--ensemble", "mean", "--out", str(tmp_path / "x.png")],
                          capture_output=True, text=True)

@@ -5,6 +5,7 @@ compaction (also while a run writes), on local disk and the S3 endpoint."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import random
 import re
@@ -14,6 +15,7 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from deconvnet import storage
@@ -40,7 +42,7 @@ def prediction_rows(uris: list[str], run_id: str, model_id: str = "m1", status: 
     batch = {"image_uri": uris, "mask_uri": [f"m/{u}" for u in uris], "overlay_uri": [""] * n,
              "status": [status] * n, "error": [""] * n, "permanent": [False] * n, "width": [4] * n,
              "height": [3] * n, "class_pixels": np.tile(np.array([10, 2], np.int64), (n, 1)),
-             "mean_confidence": [0.5] * n, "num_proposals": [1] * n,
+             "mean_confidence": [0.5] * n, "uncertainty": [0.25] * n, "num_proposals": [1] * n,
              "source_size": [(seen or {}).get(u, (1, ""))[0] for u in uris],
              "source_version": [(seen or {}).get(u, (1, "v1"))[1] for u in uris],
              "model_id": [model_id] * n, "labelling_key": [key or default_labelling_key(model_id)] * n,
@@ -297,6 +299,29 @@ def test_a_reader_skips_parts_a_compacted_part_replaces(output):
     assert sorted(identities(read_predictions(output))) == [(u, "20260101T000000Z-aaaaaa") for u in "abc"]
     compact(output)  # deletes the leftovers
     assert visible_parts(output).replaced == []
+
+
+def test_parts_written_before_a_column_existed_read_it_as_null(output):
+    """A part without `uncertainty` (written before it was added) reads, alone, with
+    newer parts, by columns and after compaction: the column is null in its rows."""
+    old = write_run(output, "20260101T000000Z-aaaaaa", ["a", "b"])
+    for uri in old:
+        table = pq.read_table(io.BytesIO(storage.read_bytes(uri))).drop_columns(["uncertainty"])
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        storage.write_bytes(uri, buf.getvalue())
+    write_run(output, "20260102T000000Z-bbbbbb", ["b", "c"])
+
+    def by_image(table: pa.Table) -> dict[tuple[str, str], float | None]:
+        return dict(zip(identities(table), table["uncertainty"].to_pylist()))
+
+    want = {("a", "20260101T000000Z-aaaaaa"): None, ("b", "20260101T000000Z-aaaaaa"): None,
+            ("b", "20260102T000000Z-bbbbbb"): 0.25, ("c", "20260102T000000Z-bbbbbb"): 0.25}
+    everything = read_predictions(output)
+    assert everything.schema == rows.SCHEMA and by_image(everything) == want
+    assert by_image(read_predictions(output, ["image_uri", "run_id", "uncertainty"])) == want
+    compact(output)
+    assert not visible_parts(output).runs and by_image(read_predictions(output)) == want
 
 
 def test_compacting_while_a_run_writes_loses_and_duplicates_nothing(s3_bucket):

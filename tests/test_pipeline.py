@@ -63,6 +63,7 @@ def test_s3_end_to_end_with_bad_files_then_incremental(ray_session, s3_bucket, t
             assert storage.exists(r["overlay_uri"])
             assert sum(r["class_pixels"]) == mask.size and len(r["class_pixels"]) == 21
             assert r["classes"] and 0 < r["mean_confidence"] <= 1 and r["num_proposals"] >= 1
+            assert 0 <= r["uncertainty"] <= 1
             assert r["model_id"].startswith("deconvnet-") and r["seconds"] > 0
         else:
             assert re.search(expect, r["error"]) and r["mask_uri"] == "" and r["permanent"]

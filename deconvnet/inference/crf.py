@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from typing import NamedTuple
 
@@ -147,16 +148,31 @@ def crf_config(preset: str, **overrides: float | int | None) -> CRFConfig:
     return dataclasses.replace(CRF_PRESETS[preset], **overrides)
 
 
+# A pixel is uncertain when the probability of its label, the top one of the
+# distribution the labels are the argmax of, is under this.
+UNCERTAIN_BELOW = 0.5
+
+
+class LabelMap(NamedTuple):
+    """What `label_map` gives: the labels and two per-image figures."""
+    labels: np.ndarray      # (H, W) uint8
+    mean_confidence: float  # mean over pixels of the label's probability
+    uncertainty: float      # share of pixels whose label's probability is under UNCERTAIN_BELOW
+
+
 def label_map(image: np.ndarray | None, probs: np.ndarray, crf: CRFConfig | None,
-              device: str | torch.device = "cpu", engine: str | None = None) -> tuple[np.ndarray, float]:
+              device: str | torch.device = "cpu", engine: str | None = None) -> LabelMap:
     """The last step of inference, the one place it is chosen: (C, H, W)
-    probabilities -> ((H, W) uint8 labels, their mean confidence), through the
-    dense CRF on the (H, W, 3) uint8 `image` (`device`, `engine`: dense_crf's),
-    or, with `crf` None, the argmax of `probs` and its mean probability (no image needed)."""
+    probabilities -> (H, W) uint8 labels with their mean confidence and
+    uncertainty, through the dense CRF on the (H, W, 3) uint8 `image` (`device`,
+    `engine`: dense_crf's), or, with
+    `crf` None, the argmax of `probs` (no image needed). Both figures come from
+    the distribution the labels are the argmax of: the CRF's, or `probs`."""
     if crf is None:
-        return probs.argmax(0).astype(np.uint8), float(probs.max(0).mean())
-    labels, confidence = dense_crf(image, probs, crf, device=device, engine=engine)
-    return labels, float(confidence.mean())
+        labels, confidence = probs.argmax(0).astype(np.uint8), probs.max(0)
+    else:
+        labels, confidence = dense_crf(image, probs, crf, device=device, engine=engine)
+    return LabelMap(labels, float(confidence.mean()), float((confidence < UNCERTAIN_BELOW).mean()))
 
 
 def dense_crf(image: np.ndarray, probs: np.ndarray, config: CRFConfig, device: str | torch.device = "cpu",

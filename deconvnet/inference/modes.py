@@ -6,7 +6,7 @@ and the one place inference defaults are written (`MODE_TABLE`).
     cfg = for_mode("original", edge_model="model.yml.gz")
     boxes = propose(image, cfg.proposals, storage_options)
     probs = Segmenter.from_model_dir(uri, cfg.segmenter).probabilities([image], [boxes])[0]
-    labels, mean_confidence = label_map(image, probs, cfg.crf)  # the CRF, or argmax when cfg.crf is None
+    labels, mean_confidence, uncertainty = label_map(image, probs, cfg.crf)  # the CRF, or argmax without one
 
 `original` is what the authors' release does (HyeonwooNoh/DeconvNet
 inference/generate_EDeconvNet_CRF_results.m, inference/util/preprocess_image_bb.m;
