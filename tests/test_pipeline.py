@@ -180,14 +180,15 @@ def test_inference_original_runs_the_releases_rules(ray_session, tmp_path, tiny_
 
 def test_crf_device_gpu_runs_the_crf_in_the_segment_actor(ray_session, tmp_path):
     """--crf-device gpu: the torch CRF in the segment actor (its device is the CPU
-    here: the same code path as on a GPU node), no refine stage; the masks are the
-    default's (pydensecrf in CPU tasks) up to float noise."""
+    here: the same code path as on a GPU node), no refine stage; the masks are
+    pydensecrf's in CPU tasks computing every label and step (--crf-exact, what
+    the torch engine computes) up to float noise."""
     import ray
     import torch
 
     from deconvnet.model import PRESETS, DeconvNet
     from deconvnet.weights import ModelInfo, read_model_info, save_model_dir
-    from pipeline.job import label
+    from pipeline.job import label, labelling_of
 
     torch.manual_seed(0)  # the tiny model with its weights x3: the CRF keeps a few labels, not one
     net = DeconvNet(PRESETS["tiny"])
@@ -201,7 +202,7 @@ def test_crf_device_gpu_runs_the_crf_in_the_segment_actor(ray_session, tmp_path)
     out = {device: str(tmp_path / device) for device in ("cpu", "gpu")}
     argv = {device: ["--input", images, "--output", out[device], "--model", tiny_model, "--fail-on-error",
                      "--crf", "deeplab", *FAST] for device in out}
-    assert segment_dataset.main(argv["cpu"]) == 0  # the default: --crf-device cpu
+    assert segment_dataset.main([*argv["cpu"], "--crf-exact"]) == 0  # the default --crf-device cpu
     assert segment_dataset.main([*argv["gpu"], "--crf-device", "gpu"]) == 0
     for name in ("scene", "palette"):
         on_cpu, on_gpu = (decode_label_png(storage.read_bytes(f"{out[d]}/masks/ok/{name}.png")) for d in out)
@@ -213,7 +214,8 @@ def test_crf_device_gpu_runs_the_crf_in_the_segment_actor(ray_session, tmp_path)
 
     def stages(device: str) -> str:
         cfg = segment_dataset.parse_config([*argv[device], "--crf-device", device])
-        return repr(label(ray.data.from_items([{"image_uri": "x"}]), cfg, read_model_info(tiny_model), "r"))
+        info = read_model_info(tiny_model)
+        return repr(label(ray.data.from_items([{"image_uri": "x"}]), cfg, info, labelling_of(cfg, info), "r"))
 
     assert "MapBatches(refine)" in stages("cpu") and "MapBatches(refine)" not in stages("gpu")
     assert "MapBatches(SegmentActor)" in stages("gpu")
