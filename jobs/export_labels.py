@@ -31,38 +31,49 @@ import argparse
 import os
 import sys
 
-from deconvnet.cli import add_storage_option_arg, config_error, flags_of, storage_options_from
+from deconvnet.cli import Flag, add_flags, add_storage_option_arg, config_error, flag, storage_options_from
 from pipeline.export.driver import SHARD_SIZE, WORKERS, ExportConfig, describe, run_export
 from pipeline.export.selection import ORDER_COLUMN, Filters
 from pipeline.export.shards import FORMATS
 
 
-def build_parser() -> argparse.ArgumentParser:
+def export_flags() -> list[Flag]:
+    """The command's options, each with the config field it sets (ExportConfig's, Filters')."""
+    return [
+        flag("--labels", required=True, metavar="URI", help="the segment job's --output"),
+        flag("--format", required=True, choices=list(FORMATS)),
+        flag("--to", required=True, metavar="URI", help="where the export goes (a folder or prefix)"),
+        flag("--classes", metavar="NAME,...", help="only images whose mask holds at least one of these classes"),
+        flag("--min-confidence", type=float, metavar="X", help=f"only images with {ORDER_COLUMN} >= X"),
+        flag("--max-confidence", type=float, metavar="X", help=f"only images with {ORDER_COLUMN} <= X"),
+        flag("--review-first", type=int, metavar="N",
+             help=f"the N least confident images ({ORDER_COLUMN}), least confident first"),
+        flag("--limit", type=int, metavar="N", help="at most N images, the first in export order"),
+        flag("--model-id", help="export this model's masks when --labels holds several models'"),
+        flag("--image-url-prefix", action="append", default=[], metavar="OLD=NEW",
+             help="image URIs starting with OLD start with NEW in the export (repeatable, first match "
+                  "wins), e.g. s3://bucket/=https://host/"),
+        flag("--shard-size", type=int, default=SHARD_SIZE, help="images per shard"),
+        flag("--workers", type=int, default=WORKERS, help="shards in flight at once on Ray"),
+    ]
+
+
+def parser_and_flags() -> tuple[argparse.ArgumentParser, dict[str, str]]:
+    """The parser and its {config field: flag} map (for config_error)."""
     p = argparse.ArgumentParser(prog="export_labels.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--labels", required=True, metavar="URI", help="the segment job's --output")
-    p.add_argument("--format", required=True, choices=list(FORMATS))
-    p.add_argument("--to", required=True, metavar="URI", help="where the export goes (a folder or prefix)")
-    p.add_argument("--classes", metavar="NAME,...",
-                   help="only images whose mask holds at least one of these classes")
-    p.add_argument("--min-confidence", type=float, metavar="X", help=f"only images with {ORDER_COLUMN} >= X")
-    p.add_argument("--max-confidence", type=float, metavar="X", help=f"only images with {ORDER_COLUMN} <= X")
-    p.add_argument("--review-first", type=int, metavar="N",
-                   help=f"the N least confident images ({ORDER_COLUMN}), least confident first")
-    p.add_argument("--limit", type=int, metavar="N", help="at most N images, the first in export order")
-    p.add_argument("--model-id", help="export this model's masks when --labels holds several models'")
-    p.add_argument("--image-url-prefix", action="append", default=[], metavar="OLD=NEW",
-                   help="image URIs starting with OLD start with NEW in the export (repeatable, first match "
-                        "wins), e.g. s3://bucket/=https://host/")
-    p.add_argument("--shard-size", type=int, default=SHARD_SIZE, help="images per shard")
-    p.add_argument("--workers", type=int, default=WORKERS, help="shards in flight at once on Ray")
-    add_storage_option_arg(p)
-    return p
+    flag_of = add_flags(p, export_flags())
+    flag_of.update(add_storage_option_arg(p))
+    return p, flag_of
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return parser_and_flags()[0]
 
 
 def parse_config(argv: list[str] | None = None) -> ExportConfig:
     """The command line as an ExportConfig; a bad argument exits 2 with one line."""
-    p = build_parser()
+    p, flags = parser_and_flags()
     a = p.parse_args(argv)
     prefixes = [item.partition("=")[::2] for item in a.image_url_prefix]
     bad = [item for item in a.image_url_prefix if "=" not in item]
@@ -71,7 +82,6 @@ def parse_config(argv: list[str] | None = None) -> ExportConfig:
     classes = tuple(c.strip() for c in (a.classes or "").split(",") if c.strip())
     if a.classes is not None and not classes:
         p.error(f"--classes: no class names in {a.classes!r}")
-    flags = flags_of(p)
     try:
         filters = Filters(model_id=a.model_id, classes=classes, min_confidence=a.min_confidence,
                           max_confidence=a.max_confidence, review_first=a.review_first, limit=a.limit)
@@ -91,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manifest = run_export(cfg)
     except ValueError as e:  # nothing labelled, several models, an unknown class: before anything is written
-        build_parser().error(config_error(e, flags_of(build_parser())))
+        parser, flags = parser_and_flags()
+        parser.error(config_error(e, flags))
     except OSError as e:  # storage unreachable or failing: no manifest was written
         print(f"export_labels: {type(e).__name__}: {e} (no manifest written: the export is incomplete)",
               file=sys.stderr)
