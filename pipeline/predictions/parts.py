@@ -135,9 +135,11 @@ def iter_rows(table: pa.Table) -> Iterator[dict[str, Any]]:
 
 
 def iter_latest(output: str, columns: list[str], storage_options=None,
-                batch_rows: int = LATEST_BATCH_ROWS) -> Iterator[pa.Table]:
+                batch_rows: int = LATEST_BATCH_ROWS, where=None) -> Iterator[pa.Table]:
     """Every image's latest row (as `latest_rows`), these columns, in tables of
     about `batch_rows` rows: memory depends on `batch_rows`, not on the row count.
+    `where(table)`, when given, is a boolean mask of the rows to consider at all
+    (before the latest is taken: an image whose rows it drops all is left out).
 
     The visible parts are read once, a part (a compacted one a row group) at a
     time, only these columns, and each batch is spread by a hash of image_uri
@@ -158,6 +160,8 @@ def iter_latest(output: str, columns: list[str], storage_options=None,
             writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
             try:
                 for batch in _part_batches(parts, columns, storage_options, batch_rows):
+                    if where is not None:
+                        batch = batch.filter(where(batch))
                     uris = batch.column("image_uri").to_numpy(zero_copy_only=False)
                     ids = pd.util.hash_array(uris) % buckets
                     for b in np.unique(ids):
