@@ -138,7 +138,8 @@ def recorded_model(labels: str, run_id: str, model_id: str, storage_options=None
 
 
 @contextlib.contextmanager
-def select(labels: str, filters: Filters, storage_options=None, batch_rows: int = BATCH_ROWS) -> Iterator[Selection]:
+def select(labels: str, filters: Filters, storage_options=None,
+           batch_rows: int = BATCH_ROWS) -> Iterator[Selection]:
     """The rows to export (valid inside the `with`: the spill is removed after).
     ValueError when there is nothing labelled under `labels`, when masks of
     several models are there and `model_id` names none of them, or when a class
@@ -161,14 +162,14 @@ def _stream(labels: str, f: Filters, storage_options, batch_rows: int, tmp: str,
     schema = row_schema.columns(_KEPT)
     for batch in iter_latest(labels, COLUMNS, storage_options, batch_rows,
                              where=lambda t: pc.equal(t["status"], "ok")):
-        if f.model_id is not None:
-            batch = batch.filter(pc.equal(batch["model_id"], f.model_id))
         found = batch["model_id"].unique().to_pylist()
         for model_id in found:
             rows = batch.filter(pc.equal(batch["model_id"], model_id)) if len(found) > 1 else batch
             m = models.setdefault(model_id, _Model())
             m.labelled += rows.num_rows
             m.newest_run = max(m.newest_run, pc.max(rows["run_id"]).as_py())
+            if f.model_id not in (None, model_id):  # counted for the error message, not kept
+                continue
             rows = _filtered(rows, f).select(_KEPT)
             if f.review_first is not None:
                 both = rows if m.queue is None else pa.concat_tables([m.queue, rows])
@@ -191,7 +192,8 @@ def _chosen(labels: str, f: Filters, models: dict[str, _Model], storage_options)
         found = ", ".join(f"{k} ({m.labelled} images)" for k, m in sorted(models.items()))
         raise ValueError(f"`labels` holds masks of {len(models)} models: {found}; choose one with `model_id`")
     if f.model_id is not None and f.model_id not in models:
-        raise ValueError(f"`model_id` {f.model_id}: no masks by that model under {labels}")
+        raise ValueError(f"`model_id` {f.model_id}: no masks by that model under {labels} "
+                         f"(the latest mask of every image is by {', '.join(sorted(models))})")
     model_id = f.model_id or next(iter(models))
     m = models[model_id]
     names, palette, names_from = _classes(labels, model_id, m.newest_run, storage_options)
