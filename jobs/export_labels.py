@@ -31,17 +31,15 @@ import argparse
 import os
 import sys
 
-from deconvnet.cli import add_flags, add_storage_option_arg, config_error, flag, storage_options_from
+from deconvnet.cli import Flag, add_flags, add_storage_option_arg, config_error, flag, storage_options_from
 from pipeline.export.driver import SHARD_SIZE, WORKERS, ExportConfig, describe, run_export
 from pipeline.export.selection import ORDER_COLUMN, Filters
 from pipeline.export.shards import FORMATS
 
 
-def parser_and_flags() -> tuple[argparse.ArgumentParser, dict[str, str]]:
-    """The parser and its {field: flag} map (config errors name the flag)."""
-    p = argparse.ArgumentParser(prog="export_labels.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    flag_of = add_flags(p, [
+def export_flags() -> list[Flag]:
+    """The command's options, each with the config field it sets (ExportConfig's, Filters')."""
+    return [
         flag("--labels", required=True, metavar="URI", help="the segment job's --output"),
         flag("--format", required=True, choices=list(FORMATS)),
         flag("--to", required=True, metavar="URI", help="where the export goes (a folder or prefix)"),
@@ -57,8 +55,20 @@ def parser_and_flags() -> tuple[argparse.ArgumentParser, dict[str, str]]:
                   "wins), e.g. s3://bucket/=https://host/"),
         flag("--shard-size", type=int, default=SHARD_SIZE, help="images per shard"),
         flag("--workers", type=int, default=WORKERS, help="shards in flight at once on Ray"),
-    ])
-    return p, {**flag_of, **add_storage_option_arg(p)}
+    ]
+
+
+def parser_and_flags() -> tuple[argparse.ArgumentParser, dict[str, str]]:
+    """The parser and its {config field: flag} map (for config_error)."""
+    p = argparse.ArgumentParser(prog="export_labels.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    flag_of = add_flags(p, export_flags())
+    flag_of.update(add_storage_option_arg(p))
+    return p, flag_of
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return parser_and_flags()[0]
 
 
 def parse_config(argv: list[str] | None = None) -> ExportConfig:

@@ -25,6 +25,7 @@ from deconvnet.data.voc import decode_label_png, encode_label_png
 from jobs import export_labels, segment_dataset
 from pipeline import layout, rows
 from pipeline.export.labelstudio import encode_rle
+from pipeline.export.selection import Filters, select
 from pipeline.predictions.parts import iter_rows, latest_rows, read_predictions
 from pipeline.predictions.writer import PredictionWriter
 
@@ -262,6 +263,44 @@ def test_filters_and_the_review_queue(handmade, tmp_path):
                                "--image-url-prefix", "s3://in/=https://h/"]) == 0
     assert [t["data"]["image"] for t in _tasks(to)] == ["https://h/a/1.jpg", "https://h/a/2.jpg"]
     assert _manifest(to)["counts"] == {"labelled": 6, "selected": 2, "exported": 2, "errors": 0}
+
+
+def test_the_selection_streams_in_bounded_batches(tmp_path):
+    """Batches of 2 rows over 12 images and three runs: the review queue, the
+    filters and --limit give what a read of every row gives; a later error row
+    leaves the ok row before it; a second model's masks need `model_id`."""
+    base = str(tmp_path / "labels")
+    masks = {f"b/{i:02d}.jpg": _scene(1 + i % 3) for i in range(12)}
+    conf = dict(zip(masks, (np.random.default_rng(1).permutation(12) + 1) / 13))
+    _output(base, masks, conf)
+    writer = PredictionWriter(base, "20260102T000000Z-bbbbbb", rows_per_part=1000)
+    writer.add(pa.Table.from_pylist([{"image_uri": "s3://in/b/00.jpg", "mask_uri": "", "status": "error",
+                                      "error": "boom", "model_id": "m1", "run_id": "20260102T000000Z-bbbbbb"}],
+                                    schema=rows.SCHEMA))
+    writer.flush()
+
+    def uris(filters, shard_size=5):
+        with select(base, filters, batch_rows=2) as sel:
+            shards = list(sel.shards(shard_size))
+            assert all(len(s) == shard_size for s in shards[:-1]) and sel.selected == sum(map(len, shards))
+            assert sel.labelled == 12 and sel.run_ids == [RUN]
+            return [r["image_uri"] for s in shards for r in s]
+
+    everything = uris(Filters())
+    assert sorted(everything) == sorted(f"s3://in/{k}" for k in masks) and uris(Filters(), 3) == everything
+    by_conf = sorted(masks, key=conf.get)
+    assert uris(Filters(review_first=4)) == [f"s3://in/{k}" for k in by_conf[:4]]
+    assert uris(Filters(review_first=4, limit=2)) == [f"s3://in/{k}" for k in by_conf[:2]]
+    low = [u for u in everything if conf[u[len("s3://in/"):]] <= 0.5]
+    assert uris(Filters(max_confidence=0.5, limit=3)) == low[:3]
+    bird = [u for u in everything if masks[u[len("s3://in/"):]].max() == 3]
+    assert uris(Filters(classes=("bird",))) == bird and len(bird) == 4
+
+    _output(base, {"b/01.jpg": _scene(1)}, {"b/01.jpg": 0.5}, model_id="m2", run_id="20260103T000000Z-cccccc")
+    with pytest.raises(ValueError, match=r"holds masks of 2 models: m1 \(11 images\), m2 \(1 images\)"):
+        uris(Filters())
+    with select(base, Filters(model_id="m2"), batch_rows=2) as sel:
+        assert [r["image_uri"] for s in sel.shards(5) for r in s] == ["s3://in/b/01.jpg"] and sel.labelled == 1
 
 
 def test_rle_matches_label_studio_sdk(tmp_path):

@@ -22,7 +22,7 @@ from deconvnet import storage
 from deconvnet.records import now_iso, read_json, write_json
 
 from .. import layout
-from .selection import ORDER_COLUMN, Filters, select
+from .selection import ORDER_COLUMN, Filters, Selection, select
 from .shards import FORMATS, Context, run_shards, shard_name
 
 MANIFEST = "manifest.json"
@@ -61,8 +61,12 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> dict[st
     """Export; returns the manifest (also written to <to>/manifest.json).
     ValueError for a bad config or nothing to export (before anything is written)."""
     started, opts = time.monotonic(), cfg.storage_options
-    sel = select(cfg.labels, cfg.filters, opts)
-    n = sel.rows.num_rows
+    with select(cfg.labels, cfg.filters, opts) as sel:
+        return _export(cfg, sel, started, log)
+
+
+def _export(cfg: ExportConfig, sel: Selection, started: float, log: Callable[[str], None]) -> dict[str, Any]:
+    opts, n = cfg.storage_options, sel.selected
     count = -(-n // cfg.shard_size)
     log(f"{n} of {sel.labelled} images by model {sel.model_id} to export as {cfg.format}, {count} shards")
     old = _read_manifest(cfg.to, opts)
@@ -74,15 +78,14 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> dict[st
     extra = FORMATS[cfg.format].extra_files(ctx)
     for name, data in extra.items():
         storage.write_bytes(storage.join(cfg.to, name), data, opts)
-    shards = [lambda i=i: sel.rows.slice(i * cfg.shard_size, cfg.shard_size).to_pylist() for i in range(count)]
-    results = list(run_shards(ctx, shards, cfg.workers, log))
+    results = list(run_shards(ctx, sel.shards(cfg.shard_size), count, cfg.workers, log))
     errors = [e for r in results for e in r.pop("errors")]
     manifest = {
         "format": cfg.format, "labels": cfg.labels, "to": cfg.to, "created": now_iso(),
         "model_id": sel.model_id, "labelling_runs": sel.run_ids,
         "classes": list(sel.names), "classes_from": sel.names_from,
         "filters": {**asdict(cfg.filters), "order": (f"{ORDER_COLUMN} ascending" if cfg.filters.review_first
-                                                      else "image_uri")},
+                                                      else "hash of image_uri, then image_uri")},
         "image_url_prefix": [list(p) for p in cfg.image_url_prefix], "shard_size": cfg.shard_size,
         "counts": {"labelled": sel.labelled, "selected": n, "exported": sum(r["rows"] for r in results),
                    "errors": len(errors)},

@@ -19,7 +19,7 @@ import os
 import posixpath
 import sys
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -108,22 +108,24 @@ def _error(row: dict[str, Any], error: str) -> dict[str, str]:
     return {"image_uri": row["image_uri"], "mask_uri": row["mask_uri"], "error": error}
 
 
-def run_shards(ctx: Context, shards: Sequence[Callable[[], list[dict[str, Any]]]], workers: int,
+def run_shards(ctx: Context, shards: Iterable[list[dict[str, Any]]], count: int, workers: int,
                log: Callable[[str], None] = print) -> Iterator[dict[str, Any]]:
-    """Each shard's result, in order. `shards[i]()` gives shard i's rows (made
-    when the shard starts, so only the shards in flight hold theirs)."""
+    """Each shard's result, in order. `shards` gives the `count` shards' rows in
+    turn, a shard's when it starts, so only the shards in flight hold theirs."""
     ray = sys.modules.get("ray")  # not imported: not initialised either (the caller joins a cluster)
     if ray is None or not ray.is_initialized():
         for i, rows in enumerate(shards):
-            yield export_shard(ctx, i, len(shards), rows())
-            log(f"shard {i + 1}/{len(shards)} written")
+            yield export_shard(ctx, i, count, rows)
+            log(f"shard {i + 1}/{count} written")
         return
     env = {k: os.environ[k] for k in (storage.RETRY_SECONDS_ENV,) if k in os.environ}
     remote = ray.remote(export_shard).options(num_cpus=1, **({"runtime_env": {"env_vars": env}} if env else {}))
-    todo = iter(range(len(shards)))
-    pending = deque(remote.remote(ctx, j, len(shards), shards[j]()) for j in itertools.islice(todo, workers))
-    for i in range(len(shards)):
+    todo = enumerate(shards)
+    pending = deque(remote.remote(ctx, j, count, rows) for j, rows in itertools.islice(todo, workers))
+    i = 0
+    while pending:
         result = ray.get(pending.popleft())
-        pending.extend(remote.remote(ctx, j, len(shards), shards[j]()) for j in itertools.islice(todo, 1))
-        log(f"shard {i + 1}/{len(shards)} written")
+        pending.extend(remote.remote(ctx, j, count, rows) for j, rows in itertools.islice(todo, 1))
+        i += 1
+        log(f"shard {i}/{count} written")
         yield result

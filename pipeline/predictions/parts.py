@@ -135,9 +135,11 @@ def iter_rows(table: pa.Table) -> Iterator[dict[str, Any]]:
 
 
 def iter_latest(output: str, columns: list[str], storage_options=None,
-                batch_rows: int = LATEST_BATCH_ROWS) -> Iterator[pa.Table]:
+                batch_rows: int = LATEST_BATCH_ROWS, where=None) -> Iterator[pa.Table]:
     """Every image's latest row (as `latest_rows`), these columns, in tables of
     about `batch_rows` rows: memory depends on `batch_rows`, not on the row count.
+    `where(table)`, when given, is a boolean mask of the rows to consider at all
+    (before the latest is taken: an image whose rows it drops all is left out).
 
     The visible parts are read once, a part (a compacted one a row group) at a
     time, only these columns, and each batch is spread by a hash of image_uri
@@ -153,11 +155,14 @@ def iter_latest(output: str, columns: list[str], storage_options=None,
         def spill(parts: Parts) -> int:
             for name in os.listdir(tmp):  # a retry (a part vanished) starts over
                 os.remove(os.path.join(tmp, name))
-            sizes = storage.read_concurrently(lambda u: read_footer(u, storage_options).num_rows, parts.all)
+            sizes = list(storage.read_concurrently(lambda u: read_footer(u, storage_options).num_rows, parts.all))
             buckets = min(MAX_SPILL_FILES, max(1, -(-sum(sizes) // batch_rows)))
             writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
             try:
-                for batch in _part_batches(parts, columns, storage_options, batch_rows):
+                run_rows = sum(sizes[:len(parts.runs)]) // max(1, len(parts.runs))  # a run part's, on average
+                for batch in _part_batches(parts, columns, storage_options, batch_rows, run_rows):
+                    if where is not None:
+                        batch = batch.filter(where(batch))
                     uris = batch.column("image_uri").to_numpy(zero_copy_only=False)
                     ids = pd.util.hash_array(uris) % buckets
                     for b in np.unique(ids):
@@ -177,10 +182,13 @@ def iter_latest(output: str, columns: list[str], storage_options=None,
                 os.remove(path)
 
 
-def _part_batches(parts: Parts, columns: list[str], storage_options, batch_rows: int) -> Iterator[pa.Table]:
+def _part_batches(parts: Parts, columns: list[str], storage_options, batch_rows: int,
+                  run_rows: int) -> Iterator[pa.Table]:
     """The parts' rows (these columns), a run part or a compacted part's row group at a time."""
-    # Run parts are small (rows_per_part rows), read a few at a time.
-    yield from storage.read_concurrently(_part_reader(columns, storage_options), parts.runs)
+    # Run parts are small (rows_per_part rows, `run_rows` on average), read a few at a time: up to
+    # 2 * threads wait in read_concurrently, together about `batch_rows` rows (one at a time at least).
+    threads = max(1, min(storage.READ_THREADS, batch_rows // max(1, 2 * run_rows)))
+    yield from storage.read_concurrently(_part_reader(columns, storage_options), parts.runs, threads)
     schema = rows.columns(columns)
     for uri in parts.compacted:  # a row group at a time (compaction writes them small)
         with storage.open_input(uri, storage_options) as f:
