@@ -111,14 +111,15 @@ def main(argv=None) -> int:
                  os.path.join(images, "photos", "grace_hopper.jpg"))
     labels = os.path.join(out, "labels")
     sh("jobs/segment_dataset.py", "--input", images, "--output", labels, "--model", model, "--overlays", "--gallery")
-    # The labels as Label Studio tasks (pre-annotations), the least confident first.
+    # The review queue as Label Studio tasks (pre-annotations): the 10 least confident images.
     tasks = os.path.join(out, "label-studio")
     sh("jobs/export_labels.py", "--labels", labels, "--format", "label-studio", "--to", tasks,
        "--review-first", "10")
     print(f"\nLook at: {labels}/index.html (the gallery), {labels}/overlays/ (colours over the photos), "
           f"{labels}/masks/ (label maps),\n"
           f"{labels}/predictions/*.parquet (one row per image), {labels}/runs/*.json (the run's record),\n"
-          f"{tasks}/ (Label Studio tasks and their labelling config: import them to correct the masks).\n"
+          f"{tasks}/ (the 10 least confident as Label Studio tasks with their labelling config: import them to "
+          f"correct the masks).\n"
           f"Run `make demo` again: the job finds nothing new and does no work.")
     return 0
 
