@@ -165,9 +165,9 @@ def label_map(image: np.ndarray | None, probs: np.ndarray, crf: CRFConfig | None
     """The last step of inference, the one place it is chosen: (C, H, W)
     probabilities -> (H, W) uint8 labels with their mean confidence and
     uncertainty, through the dense CRF on the (H, W, 3) uint8 `image` (`device`,
-    `engine`: dense_crf's), or, with
-    `crf` None, the argmax of `probs` (no image needed). Both figures come from
-    the distribution the labels are the argmax of: the CRF's, or `probs`."""
+    `engine`: dense_crf's), or, with `crf` None, the argmax of `probs` (no image
+    needed). Both figures come from the distribution the labels are the argmax
+    of: the CRF's, or `probs`."""
     if crf is None:
         labels, confidence = probs.argmax(0).astype(np.uint8), probs.max(0)
     else:
@@ -257,8 +257,8 @@ def mean_field(image: np.ndarray, probs: np.ndarray, config: CRFConfig) -> MeanF
     slack_rel, slack_abs = BOUND_SLACK
     kept = np.flatnonzero((unary - unary.min(axis=0) <= bound * (1 + slack_rel) + slack_abs).any(axis=1))
     crf.setUnary(dcrf.ConstUnary(np.ascontiguousarray(unary[kept])))
-    q, logits, scratch = crf.startInference()
-    logits = eigen.matrixXf(-unary[kept])  # sized, so numpy sees the logits stepInference writes
+    q, _, scratch = crf.startInference()
+    logits = eigen.matrixXf(-unary[kept])  # our own, sized, so numpy sees the logits stepInference writes
     labels, steps = None, 0
     while steps < config.iterations and len(kept) > 1:  # one label left: it is the answer
         crf.stepInference(q, logits, scratch)
