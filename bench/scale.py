@@ -1,21 +1,25 @@
-"""The segment job's driver at scale: peak memory, listing, done-set and Ray Data
-overhead per image with 10k, 100k and 1M listed objects; and the done-set read
-at 10 and 5,000 prediction parts on an S3 endpoint, before and after compaction.
+"""The segment job's driver at scale: its peak memory and CPU per labelled image
+with 30k and 300k images labelled in one run, before and after segments and
+large blocks; and the done-set read at 10 and 5,000 prediction parts on an S3
+endpoint, before and after compaction.
 
-    python bench/scale.py                                   # 10k, 100k, 1M and the S3 part counts
+    python bench/scale.py                                   # 30k and 300k, and the S3 part counts
     python bench/scale.py --images 10000 --parts 10         # a quick look
+    python bench/scale.py --images 1000000 --parts          # 1M listed, 1% left to label
 
 Objects: empty files with image suffixes under --work, 1,000 to a folder (made
-once, kept). Each size runs in its own process (so its peak RSS is its own) and
-calls the job's own `pipeline.job.run` with the stages replaced by no-ops that
-keep the batch contract: what is measured is the listing, the done-set, Ray
-Data's plan and the driver, not the model. Each size runs twice: the first run
-labels everything (all to do), the second finds everything done (done-set
-lookups over the first run's parts, compacted by the run itself). Up to 100k,
-the plan the streaming listing replaced runs too ("old plan": the listing held
-on the driver, `from_items` in one-batch blocks, the same stages and driver
-loop), in the same process after the same warm-up, so the two overheads per
-image are measured on the same machine at the same time.
+once, kept). Each size and plan runs in its own process (so its peak RSS is
+its own) with the stages replaced by no-ops that keep the batch contract: what
+is measured is the listing, the done-set, Ray Data's plan and the driver, not
+the model. Plan "now" calls the job's own `pipeline.job.run` twice: the first
+run labels everything (above --full-max, all but 1 in 100 are seeded as done),
+the second finds everything done (done-set lookups over the first run's parts,
+compacted by the run itself). Plan "before" (up to --before-max images) is the
+plan before segments and large blocks (`previous_plan`: one Dataset, blocks of
+one actor batch, the driver making the Parquet rows), measured in the same
+invocation after the same warm-up. Driver CPU is the process's user + system
+time over all threads (resource.getrusage), per image labelled; its inverse
+is the ceiling of images/s one driver core can feed.
 Parts: a moto S3 server on 127.0.0.1 (as tests/conftest.py), N parts of
 --part-rows rows; read as the job read them before (one after another), as it
 reads them now (concurrently), and after compaction.
@@ -48,7 +52,6 @@ import record as bench_record  # bench/record.py: this script's folder is on sys
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 PER_FOLDER = 1000
-DRIVER_HELD_MAX = 100_000  # the old plan held every listed image on the driver: not at 1M
 
 
 def make_inputs(work: str, n: int) -> str:
@@ -73,7 +76,15 @@ def make_inputs(work: str, n: int) -> str:
 # --- no-op stages with the real stages' signatures and batch contract --------------
 
 
+# Bytes of the decoded image each row carries from the read stage to the write stage
+# (--payload-kib): as with real images, Ray Data then cuts the blocks between the
+# stages by bytes (job.BLOCK_BYTES), not by the listing's rows.
+PAYLOAD_BYTES = int(os.environ.get("SCALE_PAYLOAD_BYTES", "0"))
+
+
 def _read_and_propose(batch, proposals, storage_options):
+    if PAYLOAD_BYTES:
+        batch["image"] = np.zeros((len(batch["image_uri"]), PAYLOAD_BYTES), np.uint8)
     return batch
 
 
@@ -89,7 +100,7 @@ def _refine(batch, crf):
     return batch
 
 
-def _write(batch, output, num_classes, palette, model_id, labelling_key, run_id, storage_options):
+def _stage_rows(batch, num_classes, model_id, labelling_key, run_id) -> dict:
     from pipeline.rows import STAGE_COLUMNS
 
     n = len(batch["image_uri"])
@@ -97,14 +108,28 @@ def _write(batch, output, num_classes, palette, model_id, labelling_key, run_id,
     made = {"mask_uri": text, "overlay_uri": text, "status": np.array(["ok"] * n, dtype=object), "error": text,
             "permanent": np.zeros(n, bool), "width": np.zeros(n, np.int32), "height": np.zeros(n, np.int32),
             "class_pixels": np.zeros((n, num_classes), np.int64), "mean_confidence": np.zeros(n, np.float32),
-            "num_proposals": np.zeros(n, np.int32), "model_id": np.array([model_id] * n, dtype=object),
+            "uncertainty": np.zeros(n, np.float32), "num_proposals": np.zeros(n, np.int32),
+            "model_id": np.array([model_id] * n, dtype=object),
             "labelling_key": np.array([labelling_key] * n, dtype=object),
             "run_id": np.array([run_id] * n, dtype=object), "seconds": np.zeros(n)}
     return {k: made[k] if k in made else batch[k] for k in STAGE_COLUMNS}
 
 
+def _write(batch, output, classes, palette, model_id, labelling_key, run_id, storage_options):
+    """The write stage's contract: each row as it goes into Parquet (rows.SCHEMA)."""
+    from pipeline.rows import table_from_batch
+
+    return table_from_batch(_stage_rows(batch, len(classes), model_id, labelling_key, run_id), classes)
+
+
+def _write_columns(batch, output, classes, palette, model_id, labelling_key, run_id, storage_options):
+    """The write stage's contract before: the columns only; the driver made the rows."""
+    return _stage_rows(batch, len(classes), model_id, labelling_key, run_id)
+
+
 NOOP_STAGES = types.SimpleNamespace(read_and_propose=_read_and_propose, SegmentActor=_SegmentActor,
                                     refine=_refine, write=_write)
+BEFORE_STAGES = types.SimpleNamespace(**{**vars(NOOP_STAGES), "write": _write_columns})
 
 
 def model_dir(work: str) -> str:
@@ -156,8 +181,16 @@ def seed_done(cfg, every: int) -> int:
     return left
 
 
-def one_size(n: int, work: str, out: str) -> dict:
-    """In this process: two runs of the job over n listed objects; driver peak RSS."""
+def _cpu_seconds() -> float:
+    """CPU time of this process over all its threads (Ray's core worker threads too)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def one_size(n: int, work: str, out: str, plan: str) -> dict:
+    """In this process: the job's runs over n listed objects (plan "now": a first
+    run, then one finding everything done) or the plan before segments and
+    large blocks ("before"); the driver's peak RSS and CPU."""
     import ray
 
     from pipeline.job import run
@@ -166,48 +199,48 @@ def one_size(n: int, work: str, out: str) -> dict:
     ray.data.DataContext.get_current().enable_progress_bars = False
     cfg = bench_config(os.path.join(work, f"in-{n}"), out, work)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    result = {"images": n}
-    driver_held(cfg, limit=100)  # start Ray Data's workers, so no run below pays for it
-    for name in ("first", "again"):
-        t0 = time.perf_counter()
-        record = run(cfg, log=lambda s: None, stage_fns=NOOP_STAGES)
-        seconds = time.perf_counter() - t0
-        c = record["counts"]
-        assert c["seen"] == n and c["ok"] + c["skipped"] == n and c["error"] == 0, c
-        result[name] = {"seconds": round(seconds, 2), "counts": c, "listing": record["listing"],
-                        "compaction": bool(record.get("compaction")),
-                        "per_listed_image_ms": round(1000 * seconds / n, 3),
-                        "per_labelled_image_ms": round(1000 * seconds / c["ok"], 3) if c["ok"] else None}
+    result = {"images": n, "plan": plan}
+    previous_plan(cfg, limit=100)  # start Ray Data's workers, so no run below pays for it
+    for name in ("first", "again") if plan == "now" else ("first",):
+        t0, cpu0 = time.perf_counter(), _cpu_seconds()
+        if plan == "now":
+            record = run(cfg, log=lambda s: None, stage_fns=NOOP_STAGES)
+            c = record["counts"]
+            assert c["seen"] == n and c["ok"] + c["skipped"] == n and c["error"] == 0, c
+            labelled, listing = c["ok"], record["listing"]
+        else:
+            labelled, listing = previous_plan(cfg), None
+        seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+        result[name] = {"seconds": round(seconds, 2), "driver_cpu_s": round(cpu, 2), "labelled": labelled,
+                        "listing": listing, "per_listed_image_ms": round(1000 * seconds / n, 3),
+                        "per_labelled_image_ms": round(1000 * seconds / labelled, 3) if labelled else None,
+                        "driver_cpu_per_labelled_image_ms": round(1000 * cpu / labelled, 4) if labelled else None}
     result["driver_peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    if n <= DRIVER_HELD_MAX:
-        t0 = time.perf_counter()
-        labelled = driver_held(cfg)
-        seconds = time.perf_counter() - t0
-        result["driver_held"] = {"seconds": round(seconds, 2), "per_labelled_image_ms": round(1000 * seconds / labelled, 3)}
     result["driver_rss_before_runs_mib"] = round(rss0 / 2**20)
     ray.shutdown()
     return result
 
 
-def driver_held(cfg, limit: int | None = None) -> int:
-    """The plan before the streaming listing, for comparison: the whole listing
-    held on the driver and handed to Ray Data with `from_items`, one batch a
-    block, then the job's own stages and driver loop. Returns the rows labelled."""
+def previous_plan(cfg, limit: int | None = None) -> int:
+    """The plan before segments and large blocks, for comparison: the whole listing
+    in one Dataset, blocks of one actor batch, the write stage returning columns
+    and the driver making the Parquet rows (rows.table_from_batch), then writing
+    them as the job does. Returns the rows labelled."""
     import dataclasses
 
     import ray
 
     from deconvnet.weights import read_model_info
-    from pipeline import job, layout, listing, rows
+    from pipeline import job, layout, rows
+    from pipeline.listing import Segment, Tally
     from pipeline.predictions.writer import PredictionWriter
 
     info, run_id = read_model_info(cfg.model), layout.new_run_id()
     every = dataclasses.replace(cfg, limit=limit, incremental=False)
     labelling = job.labelling_of(cfg, info)
-    todo = [row for w in listing.windows(every, labelling) for row in w.todo]
-    ds = ray.data.from_items(todo, override_num_blocks=max(1, len(todo) // cfg.images_per_batch))
-    writer = PredictionWriter(os.path.join(cfg.output, "driver-held"), run_id, cfg.rows_per_part)
-    ds = job.label(ds, cfg, info, labelling, run_id, NOOP_STAGES)
+    writer = PredictionWriter(os.path.join(cfg.output, "previous-plan"), run_id, cfg.rows_per_part)
+    ds = job.listed(every, labelling, Tally.remote(), Segment(), run_id, rows_per_block=cfg.images_per_batch)
+    ds = job.label(ds, every, info, labelling, run_id, BEFORE_STAGES)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         writer.add(rows.table_from_batch(batch, info.classes))
     writer.flush()
@@ -313,43 +346,54 @@ def _rows(rows, uris: list[str], run_id: str, model_id: str = "bench-model", see
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=int, nargs="*", default=[10_000, 100_000, 1_000_000])
+    p.add_argument("--images", type=int, nargs="*", default=[30_000, 300_000])
+    p.add_argument("--before-max", type=int, default=30_000,
+                   help="also run the plan before segments and large blocks up to this many images")
     p.add_argument("--parts", type=int, nargs="*", default=[10, 5000])
     p.add_argument("--part-rows", type=int, default=20, help="rows per prediction part (an hourly run's new images)")
-    p.add_argument("--full-max", type=int, default=100_000,
+    p.add_argument("--full-max", type=int, default=300_000,
                    help="label every image up to this many; above, earlier runs (one seeded compacted part) "
                         "labelled all but 1 in 100, as for an hourly run over a large bucket")
+    p.add_argument("--payload-kib", type=int, default=0,
+                   help="bytes each row carries between the stages, as a decoded image does (549 for 500x375 RGB)")
     p.add_argument("--work", default="/tmp/deconvnet-scale")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: one size, in this process
+    p.add_argument("--plan", default="now", help=argparse.SUPPRESS)
     p.add_argument("--run-output", help=argparse.SUPPRESS)
     p.add_argument("--out", default=bench_record.default_path("scale"))
     args = p.parse_args(argv)
     os.makedirs(args.work, exist_ok=True)
     if args.one:
-        print(json.dumps(one_size(args.one, args.work, args.run_output)))
+        print(json.dumps(one_size(args.one, args.work, args.run_output, args.plan)))
         return None
     machine = f"{platform.machine()} x{os.cpu_count()} cpu"
     sizes = []
     for n in args.images:
-        root, out = make_inputs(args.work, n), os.path.join(args.work, f"out-{n}-{time.time_ns()}")
-        t0 = time.perf_counter()
-        to_do = n if n <= args.full_max else seed_done(bench_config(root, out, args.work), every=100)
-        seeded_s = round(time.perf_counter() - t0, 1) if to_do < n else None
-        r = subprocess.run([sys.executable, __file__, "--one", str(n), "--work", args.work, "--run-output", out],
-                           stdout=subprocess.PIPE, text=True, check=True)
-        sizes.append({**json.loads(r.stdout.strip().splitlines()[-1]), "to_do": to_do, "seeded_s": seeded_s,
-                      "machine": machine, "kind": "driver"})
-        print(json.dumps(sizes[-1]), file=sys.stderr)
+        root = make_inputs(args.work, n)
+        for plan in ("before", "now") if n <= args.before_max else ("now",):
+            out = os.path.join(args.work, f"out-{n}-{plan}-{time.time_ns()}")
+            t0 = time.perf_counter()
+            to_do = n if n <= args.full_max or plan == "before" else seed_done(bench_config(root, out, args.work), 100)
+            seeded_s = round(time.perf_counter() - t0, 1) if to_do < n else None
+            r = subprocess.run([sys.executable, __file__, "--one", str(n), "--plan", plan, "--work", args.work,
+                                "--run-output", out], stdout=subprocess.PIPE, text=True, check=True,
+                               env={**os.environ, "SCALE_PAYLOAD_BYTES": str(args.payload_kib * 1024)})
+            sizes.append({**json.loads(r.stdout.strip().splitlines()[-1]), "to_do": to_do, "seeded_s": seeded_s,
+                          "payload_kib": args.payload_kib,
+                          "machine": machine, "kind": "driver", "load_average": os.getloadavg()})
+            print(json.dumps(sizes[-1]), file=sys.stderr)
     parts = [{**r, "machine": machine, "kind": "done-set"} for r in parts_bench(args.parts, args.part_rows)]
     bench_record.append(args.out, sizes + parts)
-    print(f"\n{'listed':>9} {'to do':>8} {'driver peak':>12} {'listing s':>10} {'done-set s':>11} {'run s':>8} "
-          f"{'ms/labelled':>12} {'old plan':>9} | {'all done: s':>12} {'done-set s':>11} {'ms/listed':>10}")
+    print(f"\n{'listed':>9} {'to do':>8} {'plan':>7} {'driver peak':>12} {'segments':>9} {'run s':>8} "
+          f"{'wall ms/img':>12} {'driver CPU ms/img':>18} {'ceiling img/s':>14} | {'all done: s':>12} "
+          f"{'done-set s':>11}")
     for r in sizes:
-        f, a = r["first"], r["again"]
-        old = r["driver_held"]["per_labelled_image_ms"] if "driver_held" in r else "-"
-        print(f"{r['images']:>9,} {r['to_do']:>8,} {r['driver_peak_rss_mib']:>8} MiB {f['listing']['seconds']:>10} "
-              f"{f['listing']['done_set_seconds']:>11} {f['seconds']:>8} {f['per_labelled_image_ms']:>12} {old:>9} | "
-              f"{a['seconds']:>12} {a['listing']['done_set_seconds']:>11} {a['per_listed_image_ms']:>10}")
+        f, a = r["first"], r.get("again")
+        cpu = f["driver_cpu_per_labelled_image_ms"]
+        print(f"{r['images']:>9,} {r['to_do']:>8,} {r['plan']:>7} {r['driver_peak_rss_mib']:>8} MiB "
+              f"{(f['listing'] or {}).get('segments', 1):>9} {f['seconds']:>8} {f['per_labelled_image_ms']:>12} "
+              f"{cpu:>18} {round(1000 / cpu) if cpu else '-':>14} | "
+              f"{a['seconds'] if a else '-':>12} {a['listing']['done_set_seconds'] if a else '-':>11}")
     print(f"\n{'parts':>6} {'rows':>8} {'sequential s':>13} {'concurrent s':>13} {'compacted s':>12} "
           f"{'speed-up':>9} {'parts after':>12}")
     for r in parts:

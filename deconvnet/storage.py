@@ -200,26 +200,36 @@ def iter_files_detail(
     uri: str,
     suffixes: Iterable[str] | None = None,
     storage_options: StorageOptions | None = None,
+    start_after: str | None = None,
 ) -> Iterator[FileInfo]:
     """`list_files_detail` as a stream, in the same (sorted) order, holding one
     page at a time: S3 lists 1,000 keys a request, already in key order; a local
     disk is walked one directory at a time, each sorted; other filesystems are
-    listed whole (fsspec's `find`) and sorted."""
+    listed whole (fsspec's `find`) and sorted.
+
+    `start_after` (a URI this listing yielded, or any URI under `uri`) resumes
+    after it: S3 is asked with `StartAfter`, a local walk skips the folders
+    that sort wholly before it, other filesystems are filtered."""
     fs, path = url_to_fs(uri, storage_options)
     fs.invalidate_cache()  # other processes (Ray workers) may have written since
     if _retrying("check", uri, fs.isfile, path):
         info = _retrying("check", uri, fs.info, path)
-        if _matches(uri, suffixes):
+        if _matches(uri, suffixes) and not (start_after and start_after >= uri):
             yield FileInfo(uri, int(info.get("size") or 0), _version(info))
         return
     root = path.rstrip("/")
+    # Where to resume, relative to the prefix as the pages' paths are ("" lists all).
+    after = start_after[len(uri.rstrip("/")):] if start_after else ""
+    if start_after and not start_after.startswith(uri.rstrip("/")):
+        raise ValueError(f"start_after {start_after!r} is not under {uri!r}")
     if is_local(uri):
-        pages = _local_pages(root)
+        pages = _local_pages(root, after=after)
     elif split_protocol(uri)[0] in ("s3", "s3a"):
-        pages = _s3_pages(fs, root, uri)
+        pages = _s3_pages(fs, root, uri, after)
     else:
-        pages = iter([[(rel, *info) for rel, info in sorted(_retrying("list", uri, _find, fs, root).items())]])
-    listed = False
+        pages = iter([[(rel, *info) for rel, info in sorted(_retrying("list", uri, _find, fs, root).items())
+                       if rel > after]])
+    listed = bool(after)  # a resumed listing that finds nothing more is not a missing prefix
     for page in pages:
         for rel, size, version in page:
             listed = True
@@ -240,12 +250,13 @@ def _find(fs, root: str) -> dict[str, tuple[int, str]]:
             for p, info in fs.find(root, detail=True).items() if info.get("type") != "directory"}
 
 
-def _s3_pages(fs, root: str, uri: str) -> Iterator[Page]:
-    """ListObjectsV2 without a delimiter: every key under the prefix, in key
-    (UTF-8 byte = code point) order, 1,000 a page, each page retried on its own."""
+def _s3_pages(fs, root: str, uri: str, after: str = "") -> Iterator[Page]:
+    """ListObjectsV2 without a delimiter: every key under the prefix (after the
+    relative path `after`), in key (UTF-8 byte = code point) order, 1,000 a
+    page, each page retried on its own."""
     bucket, _, key = root.partition("/")
     prefix = f"{key}/" if key else ""
-    token: dict[str, str] = {}
+    token: dict[str, str] = {"StartAfter": prefix + after[1:]} if after else {}
     while True:
         page = _retrying("list", uri, fs.call_s3, "list_objects_v2", Bucket=bucket, Prefix=prefix, **token)
         yield [("/" + o["Key"][len(prefix):], int(o.get("Size") or 0), _version(o))
@@ -255,10 +266,12 @@ def _s3_pages(fs, root: str, uri: str) -> Iterator[Page]:
         token = {"ContinuationToken": page["NextContinuationToken"]}
 
 
-def _local_pages(root: str, rel: str = "") -> Iterator[Page]:
+def _local_pages(root: str, rel: str = "", after: str = "") -> Iterator[Page]:
     """Files under a local folder in sorted order of their paths, one folder
     in memory at a time: entries sort by name + "/" for folders, which is the
-    order of the full paths ("a.jpg" < "a/b.jpg" because "." < "/")."""
+    order of the full paths ("a.jpg" < "a/b.jpg" because "." < "/"). Only
+    paths after `after` (relative, like them): a folder whose paths all sort
+    before it is not opened."""
     try:
         with os.scandir(root + rel) as it:
             entries = sorted(((e.name + "/" if e.is_dir() else e.name), e) for e in it)
@@ -267,10 +280,14 @@ def _local_pages(root: str, rel: str = "") -> Iterator[Page]:
     files: Page = []
     for key, e in entries:
         if key.endswith("/"):
+            if f"{rel}/{key}" < after and not after.startswith(f"{rel}/{key}"):
+                continue  # every path in it sorts before `after`
             if files:
                 yield files
                 files = []
-            yield from _local_pages(root, f"{rel}/{e.name}")
+            yield from _local_pages(root, f"{rel}/{e.name}", after)
+        elif f"{rel}/{e.name}" <= after:
+            continue
         else:
             try:
                 st = e.stat()

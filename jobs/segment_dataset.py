@@ -81,6 +81,9 @@ def flags() -> list[Flag]:
         flag("--part-rows", "rows_per_part", type=int, default=d["rows_per_part"], metavar="PART_ROWS",
              help="Parquet rows per predictions/ part (a part is also written every "
                   f"{d['part_seconds']:g} s); a killed run keeps every part it wrote"),
+        flag("--segment-images", type=int, default=d["segment_images"],
+             help="images labelled per Ray Dataset: a larger run goes on in segments of this many, each "
+                  "listing on after the last, so the driver's memory does not grow with the run"),
     ]
 
 

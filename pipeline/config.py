@@ -57,6 +57,9 @@ class SegmentJobConfig:
     gallery_size: int = 48  # images on that page: a screenful or two, quick to load
     fail_on_error: bool = False  # exit 1 when any input is an error row
     rows_per_part: int = 5000  # Parquet rows per part file written by the driver
+    # Images labelled per Ray Dataset: a run proceeds in segments of this many (listing.Segment),
+    # which bounds what the driver holds (Ray Data keeps a record per block until a Dataset ends).
+    segment_images: int = 200_000
     part_seconds: float = 60.0  # ...or a part at least this often: a killed run loses at most this much work
     storage_options: dict[str, Any] = field(default_factory=dict)
 
@@ -67,7 +70,7 @@ class SegmentJobConfig:
         problems.one_of("inference", INFERENCE_MODES)
         problems.one_of("device", ("auto", "gpu", "cpu"))
         problems.one_of("crf_device", CRF_DEVICES)
-        for name in ("images_per_batch", "gallery_size", "rows_per_part"):
+        for name in ("images_per_batch", "gallery_size", "rows_per_part", "segment_images"):
             problems.at_least(name, 1)
         for name in ("crf_cpus", "limit"):
             problems.at_least(name, 1, none_ok=True)

@@ -68,9 +68,15 @@ class RunningSample:
     and no run needs to know the whole listing before it starts.
     """
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, keys: Iterable[tuple[int, str]] = ()):
+        """`keys`: another sample's `keys()`, to go on where it left off."""
         self.n = n
-        self.heap: list[_Highest] = []  # the n lowest keys; heap[0] is the highest of them
+        self.heap = [_Highest(tuple(k)) for k in keys]  # the n lowest keys; heap[0] is the highest of them
+        heapq.heapify(self.heap)
+
+    def keys(self) -> list[tuple[int, str]]:
+        """The sample's state, small and picklable (`RunningSample(n, keys)` resumes it)."""
+        return [k.key for k in self.heap]
 
     def add(self, image_uri: str) -> bool:
         key = _Highest(sample_key(image_uri))

@@ -1,16 +1,22 @@
-"""The segment job's plan: a streamed listing, then a Ray Data pipeline
+"""The segment job's plan: a streamed listing, then a Ray Data pipeline, a segment at a time
 
     listing (one task: pages ─> windows ─> done-set ─> blocks; listing.py)
       ─> read_and_propose (CPU) ─> SegmentActor (actor pool, GPU) ─> refine (CPU) ─> write (CPU) ─> driver
 
 (no refine with `crf_device` "gpu", where the actor runs the CRF, or without a CRF:
-the actor hands labels to write),
+the actor hands labels to write). The write stage returns each row as it goes
+into Parquet; the driver writes the parts and keeps counts and the part list.
 
-and Parquet parts written by the driver as results stream back. The driver
-holds no list of the input: its memory does not grow with the bucket. Every
-resource setting of the job (batch sizes, GPUs, pool sizes, CRF parallelism,
-the CRF's node type: CRF_RESOURCE) is here, and what a stop request (SIGTERM,
-Ctrl-C: StopRequest) does to a run.
+A run is a sequence of such Datasets, one per listing.Segment: the first of
+FIRST_SEGMENT_IMAGES images in blocks of one segment-actor batch, so a small
+input spreads over every CRF task and reaches predictions/ a batch at a time;
+then `segment_images` at a time in blocks of BLOCK_ROWS, which cuts Ray Data's
+cost per block (most of the driver's CPU) by their size. The driver holds no
+list of the input, and what Ray Data keeps per block lasts one segment: its
+memory does not grow with the bucket or the run. Every resource setting of
+the job (batch sizes, GPUs, pool sizes, CRF parallelism, the CRF's node type:
+CRF_RESOURCE) is here, and what a stop request (SIGTERM, Ctrl-C: StopRequest)
+does to a run.
 """
 
 from __future__ import annotations
@@ -33,13 +39,14 @@ from deconvnet.weights import ModelInfo, read_model_info
 
 from . import gallery, layout, rows, stages
 from .config import SegmentJobConfig
-from .listing import LISTING_CPUS, Tally, list_todo
+from .listing import LISTING_CPUS, Segment, Tally, first_segment, list_todo
 from .predictions.compaction import compact, needs_compaction
 from .predictions.done import Labelling
 from .predictions.parts import iter_latest, iter_rows
 from .predictions.writer import PredictionWriter
 
 BLOCK_BYTES = 256 * 2**10  # Ray Data's block target: see listed()
+BLOCK_ROWS = 512  # rows per block after the first segment: see listed()
 STREAMING_BUFFER_BLOCKS = 64  # blocks a task may yield ahead of its consumer: see listed()
 # The custom resource of the nodes meant for the CRF (ray_cluster.yaml's CPU node type
 # advertises one per CPU): the CRF stage asks for one when the cluster has such nodes.
@@ -108,9 +115,11 @@ class StopRequest:
 
 
 def plan(cfg: SegmentJobConfig, info: ModelInfo, labelling: Labelling, run_id: str, tally,
-         stage_fns=stages) -> ray.data.Dataset:
-    """The job's Dataset. `stage_fns` holds the stages (bench/scale.py passes no-ops)."""
-    return label(listed(cfg, labelling, tally), cfg, info, labelling, run_id, stage_fns)
+         stage_fns=stages, segment: Segment | None = None) -> ray.data.Dataset:
+    """The Dataset of one segment (the first by default). `stage_fns` holds the
+    stages (bench/scale.py passes no-ops)."""
+    segment = segment or first_segment(cfg)
+    return label(listed(cfg, labelling, tally, segment, run_id), cfg, info, labelling, run_id, stage_fns)
 
 
 def labelling_of(cfg: SegmentJobConfig, info: ModelInfo) -> Labelling:
@@ -120,9 +129,17 @@ def labelling_of(cfg: SegmentJobConfig, info: ModelInfo) -> Labelling:
     return Labelling(info.model_id, labelling_key(cfg.inference_config(), info.model_id, fcn_id))
 
 
-def listed(cfg: SegmentJobConfig, labelling: Labelling, tally) -> ray.data.Dataset:
-    """The rows to label (listing.TODO_SCHEMA), streamed from the listing in blocks
-    of one segment-actor batch. Sets the DataContext every later stage inherits."""
+def block_rows(cfg: SegmentJobConfig, segment: Segment) -> int:
+    """Rows per block of `segment`'s listing: one segment-actor batch in the first
+    (it spreads a small input over every task and actor), BLOCK_ROWS after."""
+    return cfg.images_per_batch if segment.index == 0 else max(cfg.images_per_batch, BLOCK_ROWS)
+
+
+def listed(cfg: SegmentJobConfig, labelling: Labelling, tally, segment: Segment, run_id: str,
+           rows_per_block: int | None = None) -> ray.data.Dataset:
+    """The segment's rows to label (listing.TODO_SCHEMA), streamed from the listing
+    in blocks of `rows_per_block` (block_rows()). Sets the DataContext every
+    later stage inherits."""
     ctx = ray.data.DataContext.get_current()  # a Dataset copies it when it is made: set it first
     # A stage's exception reaches the driver as itself (RayTaskError.cause), not as
     # Ray Data's UserCodeException whose cause is lost on the way (see failure()).
@@ -132,7 +149,8 @@ def listed(cfg: SegmentJobConfig, labelling: Labelling, tally) -> ray.data.Datas
     # would leave only when it ends. At 256 KiB they leave in blocks of about 2,300
     # rows, so each task of the split below is short (it takes a whole CPU while it
     # runs: at 4 MiB, 37,000 rows a block, it held back the stages for seconds on 2
-    # cores), and decoded images and maps travel one image a block.
+    # cores), and decoded images and maps travel one image a block (so each CRF task
+    # takes one image, whatever the listing's block).
     ctx.target_max_block_size = BLOCK_BYTES
     # Each task of the split below yields hundreds of small blocks; Ray Data lets a task
     # run only 2 blocks ahead of its consumer (a private setting, no public one yet),
@@ -144,19 +162,16 @@ def listed(cfg: SegmentJobConfig, labelling: Labelling, tally) -> ray.data.Datas
     # downstream have room: the driver holds none of it.
     ds = ray.data.from_items([{"listing": 0}]).map_batches(
         list_todo, batch_size=None, batch_format="pyarrow", num_cpus=LISTING_CPUS, **_remote_env(),
-        fn_kwargs={"cfg": cfg, "labelling": labelling, "tally": tally})
-    # One segment-actor batch per block, as the stages take them: spreads a window over
-    # every task and actor (a streaming split, not a shuffle), so a small input's CRF
-    # runs in parallel and rows reach predictions/ a batch at a time. Larger blocks
-    # would cut Ray Data's fixed cost per task (3.5 ms an image in all with no-op
-    # stages, bench/scale.py), small beside the stages' own work (on a CPU, about
-    # 1.4 s of model and 1.6 s of CRF an image: README, Performance).
-    return ds.repartition(target_num_rows_per_block=cfg.images_per_batch)
+        fn_kwargs={"cfg": cfg, "labelling": labelling, "tally": tally, "segment": segment, "run_id": run_id})
+    # A streaming split, not a shuffle. Ray Data's cost is per block and operator, on
+    # the driver (bench/scale.py): blocks of one actor batch cost it about 2 ms of CPU
+    # an image with no-op stages, blocks of BLOCK_ROWS a fraction of that.
+    return ds.repartition(target_num_rows_per_block=rows_per_block or block_rows(cfg, segment))
 
 
 def label(ds: ray.data.Dataset, cfg: SegmentJobConfig, info: ModelInfo, labelling: Labelling, run_id: str,
           stage_fns=stages) -> ray.data.Dataset:
-    """The stages over `ds`'s rows to label: one row out per row in (rows.STAGE_COLUMNS)."""
+    """The stages over `ds`'s rows to label: one prediction row (rows.SCHEMA) out per row in."""
     opts = cfg.storage_options
     gpus = int(ray.cluster_resources().get("GPU", 0))
     on_gpu = cfg.device == "gpu" or (cfg.device == "auto" and gpus > 0)
@@ -199,7 +214,7 @@ def label(ds: ray.data.Dataset, cfg: SegmentJobConfig, info: ModelInfo, labellin
         ds = ds.map_batches(stage_fns.refine, batch_size=1, **write_resources, **remote,
                             fn_kwargs={"crf": inference.crf})
     ds = ds.map_batches(stage_fns.write, batch_size=cfg.images_per_batch, **write_resources, **remote, fn_kwargs={
-        "output": cfg.output, "num_classes": info.config.num_classes, "palette": info.palette_array(),
+        "output": cfg.output, "classes": info.classes, "palette": info.palette_array(),
         "model_id": info.model_id, "labelling_key": labelling.key, "run_id": run_id, "storage_options": opts})
     return ds
 
@@ -255,14 +270,19 @@ def run(cfg: SegmentJobConfig, log: Callable[[str], None] = print, stage_fns=sta
             with stop.waiting():
                 record["compaction"] = ray.get(ray.remote(compact).options(num_cpus=1, **_remote_env()).remote(
                     cfg.output, opts))
-        ds = plan(cfg, info, labelling, run_id, tally, stage_fns)
-        batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
-        while True:
-            with stop.waiting():  # a stop request cuts the wait short: nothing half-added
-                batch = next(batches, None)
-            if batch is None:
-                break
-            writer.add(rows.table_from_batch(batch, info.classes))
+        segment: Segment | None = first_segment(cfg)
+        while segment is not None:
+            ds = plan(cfg, info, labelling, run_id, tally, stage_fns, segment)
+            tables = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+            while True:
+                with stop.waiting():  # a stop request cuts the wait short: nothing half-added
+                    table = next(tables, None)
+                if table is None:
+                    break
+                writer.add(rows.conform(table, rows.SCHEMA))
+            del ds, tables  # what Ray Data keeps of this segment goes with its Dataset
+            with stop.waiting():
+                segment = ray.get(tally.next_segment.remote(segment.index))
         writer.flush()
         _count_listing(record, tally)
         if writer.counts["ok"] + writer.counts["error"] == 0:
@@ -325,7 +345,8 @@ def _count_listing(record: dict[str, Any], tally, timeout: float = 60) -> None:
     except Exception:  # noqa: BLE001 - the run's own error matters more; counts stay as they were
         return
     record["counts"].update(seen=int(listed["seen"]), skipped=int(listed["skipped"]))
-    record["listing"] = {"windows": int(listed["windows"]), "seconds": round(listed["listing_seconds"], 3),
+    record["listing"] = {"segments": int(listed["segments"]), "windows": int(listed["windows"]),
+                         "seconds": round(listed["listing_seconds"], 3),
                          "done_set_seconds": round(listed["done_seconds"], 3)}
 
 

@@ -93,6 +93,11 @@ def run_part_uri(output: str, run_id: str, index: int) -> str:
     return storage.join(predictions_uri(output), f"{run_id}-part-{index:05d}{PART_SUFFIX}")
 
 
+def is_run_part(uri: str, run_id: str) -> bool:
+    """Whether `uri` is one of the parts run `run_id` wrote (run_part_uri)."""
+    return part_name(uri).startswith(f"{run_id}-part-")
+
+
 def compacted_part_uri(output: str, part_id: str) -> str:
     return storage.join(predictions_uri(output), f"{COMPACTED}{part_id}{PART_SUFFIX}")
 

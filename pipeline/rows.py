@@ -1,8 +1,8 @@
 """The prediction row: one per input image per run, the unit of predictions/.
 
 Defined once here and used by every place that makes or reads rows: the write
-stage (STAGE_COLUMNS: what it hands back to the driver), the driver
-(`table_from_batch`), the Parquet writer and compaction (SCHEMA), the done-set
+stage (STAGE_COLUMNS: what it fills; `table_from_batch` makes the rows it hands
+back to the driver), the Parquet writer and compaction (SCHEMA), the done-set
 (DONE_COLUMNS), the gallery and evaluation (`columns(...)` checks their names).
 Adding a column is one line in SCHEMA plus the stage that fills it; parts
 written before it read it as nulls (`conform`).
@@ -37,9 +37,9 @@ SCHEMA = pa.schema([
     ("seconds", pa.float64()),  # this image's share of the work, all stages
 ])
 
-# Filled on the driver, which knows the model's class names: not in the stages' batches.
+# Derived from the others by `table_from_batch` (class_pixels and the model's class names).
 DERIVED = ("classes",)
-# What the write stage returns for each row: every column but the derived ones.
+# What the write stage fills for each row: every column but the derived ones.
 STAGE_COLUMNS = tuple(n for n in SCHEMA.names if n not in DERIVED)
 # What the incremental skip needs of earlier rows.
 DONE_COLUMNS = ("image_uri", "status", "permanent", "model_id", "labelling_key", "source_size", "source_version",

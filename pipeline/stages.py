@@ -5,21 +5,23 @@ over a Ray Data batch: a dict of column name -> numpy array.
     SegmentActor      (GPU actors)  crop + forward + paste + merge, on the actor
                                     (+ the dense CRF on its device: `crf_device` "gpu")
     refine            (CPU tasks)   dense CRF -> label map, confidence and uncertainty
-    write             (CPU tasks)   PNG mask (+ overlay), per-class counts -> result row
+    write             (CPU tasks)   PNG mask (+ overlay), per-class counts -> the Parquet row
 
 Rows never disappear: a file that cannot be read or decoded becomes a row with
 status "error" and a message, and flows through every stage untouched.
 Resources (GPUs, pool sizes, batch sizes) are set in one place, pipeline/job.py.
 A row's decoded image travels past the model only while the CRF needs it or the
-row's "overlay" flag (set by the driver) asks for an overlay.
+row's "overlay" flag (set by the listing) asks for an overlay.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from deconvnet import storage
@@ -30,7 +32,7 @@ from deconvnet.inference.segmenter import Segmenter, SegmenterConfig
 from deconvnet.data.voc import encode_label_png, overlay
 
 from .layout import mask_uri, overlay_uri
-from .rows import STAGE_COLUMNS
+from .rows import STAGE_COLUMNS, table_from_batch
 
 Batch = dict[str, np.ndarray]
 
@@ -162,13 +164,13 @@ def _images_for_overlays(batch: Batch) -> np.ndarray:
     return ragged([im if flag else EMPTY_IMAGE for im, flag in zip(batch["image"], batch["overlay"])])
 
 
-def write(batch: Batch, output: str, num_classes: int, palette: np.ndarray,
-          model_id: str, labelling_key: str, run_id: str, storage_options: dict) -> Batch:
-    """Write masks (and the overlays rows ask for) and turn each row into its Parquet
-    record: the columns of rows.STAGE_COLUMNS (the driver adds the class names)."""
-    batch, n, c = _writable(batch), len(batch["image_uri"]), num_classes
+def write(batch: Batch, output: str, classes: Sequence[str], palette: np.ndarray,
+          model_id: str, labelling_key: str, run_id: str, storage_options: dict) -> pa.Table:
+    """Write masks (and the overlays rows ask for) and turn each row into its
+    Parquet record (rows.SCHEMA): the driver only writes them into parts."""
+    batch, n, c = _writable(batch), len(batch["image_uri"]), len(classes)
     masks, overlay_uris = [""] * n, [""] * n
-    class_pixels = np.zeros((n, c), np.int64)  # the driver turns these into class names
+    class_pixels = np.zeros((n, c), np.int64)
     for i in range(n):
         t0 = time.perf_counter()
         if batch["status"][i] == "ok":
@@ -185,4 +187,4 @@ def write(batch: Batch, output: str, num_classes: int, palette: np.ndarray,
             "class_pixels": class_pixels, "model_id": np.array([model_id] * n, dtype=object),
             "labelling_key": np.array([labelling_key] * n, dtype=object),
             "run_id": np.array([run_id] * n, dtype=object)}
-    return {k: made[k] if k in made else batch[k] for k in STAGE_COLUMNS}
+    return table_from_batch({k: made[k] if k in made else batch[k] for k in STAGE_COLUMNS}, classes)

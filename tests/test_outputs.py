@@ -22,7 +22,7 @@ from deconvnet import storage
 from deconvnet.inference.modes import default_labelling_key, for_mode, labelling_key
 from pipeline import gallery, layout, rows
 from pipeline.config import SegmentJobConfig
-from pipeline.listing import windows
+from pipeline.listing import Window, first_segment, windows
 from pipeline.predictions.compaction import compact
 from pipeline.predictions.done import DoneIndex, Labelling
 from pipeline.predictions.parts import latest_rows, read_predictions, visible_parts
@@ -105,6 +105,11 @@ def test_local_listing_streams_in_the_order_of_full_paths(tmp_path):
     assert [f.uri for f in got] == sorted(f"{root}/{n}" for n in names if not n.endswith(".txt"))
     assert all(f.size == len(f.uri) - len(root) - 1 and f.version for f in got)
     assert storage.list_files_detail(root) == list(storage.iter_files_detail(root))
+    every = [f.uri for f in storage.iter_files_detail(root)]
+    for i, uri in enumerate(every):  # resuming after any listed URI gives exactly the rest
+        assert [f.uri for f in storage.iter_files_detail(root, start_after=uri)] == every[i + 1:]
+    assert [f.uri for f in storage.iter_files_detail(root, start_after=f"{root}/a/b")] == every[every.index(
+        f"{root}/a/b.jpg"):]  # any URI under the prefix, listed or not
 
 
 def test_s3_listing_pages_through_more_than_one_page_in_key_order(s3_bucket):
@@ -118,6 +123,9 @@ def test_s3_listing_pages_through_more_than_one_page_in_key_order(s3_bucket):
     got = [f.uri for f in storage.iter_files_detail(f"{s3_bucket}/in/", [".jpg"])]
     assert got == sorted(f"{s3_bucket}/{k}" for k in keys if k.startswith("in/") and k.endswith(".jpg"))
     assert len(got) == 1011  # two pages of ListObjectsV2
+    for i in (0, 5, 999, 1000, 1009, 1010):  # resumed with StartAfter, across the page boundary too
+        assert [f.uri for f in storage.iter_files_detail(f"{s3_bucket}/in/", [".jpg"], start_after=got[i])] == \
+            got[i + 1:]
     with pytest.raises(FileNotFoundError):
         next(storage.iter_files_detail(f"{s3_bucket}/missing"))
 
@@ -255,6 +263,43 @@ def test_windows_flag_overlays_for_the_gallery_sample(tmp_path):
     cfg = SegmentJobConfig(input=root, output=str(tmp_path / "o"), model="u", gallery=True, gallery_size=4)
     flagged = {r["image_uri"] for w in windows(cfg, labelling(), window=4) for r in w.todo if r["overlay"]}
     assert gallery.sample(uris, 4) <= flagged
+
+
+def _segments(cfg: SegmentJobConfig, run: Labelling, run_id: str | None = None) -> list[list[Window]]:
+    """The listing as a run walks it: segment after segment, each resuming where the last ended."""
+    out, segment = [], first_segment(cfg)
+    while segment is not None:
+        out.append(list(windows(cfg, run, window=4, segment=segment, run_id=run_id)))
+        segment = next((w.next_segment for w in out[-1] if w.next_segment), None)
+    return out
+
+
+@pytest.mark.parametrize("size", [1, 3, 5, 30])
+def test_segments_list_every_image_once_with_the_skips_limit_and_overlays_of_one_listing(tmp_path, size):
+    root, uris, seen = _inputs(tmp_path, 25)
+    out = str(tmp_path / "out")
+    write_run(out, "20260101T000000Z-aaaaaa", uris[0:12:3], seen=seen)
+    compact(out)  # a compacted part the segments seek into
+    write_run(out, "20260102T000000Z-bbbbbb", uris[13:20:2], seen=seen)  # a recent run part
+    base = dict(input=root, output=out, model="u", gallery=True, gallery_size=4)
+    expected = {}
+    for extra in ({}, {"limit": 17}):
+        whole = list(windows(SegmentJobConfig(**base, **extra, segment_images=10**6), labelling(), window=4))
+        segs = _segments(SegmentJobConfig(**base, **extra, segment_images=size), labelling())
+        todo = [r for ws in segs for w in ws for r in w.todo]
+        expected[len(extra)] = [r for w in whole for r in w.todo]
+        assert todo == expected[len(extra)]  # the same rows, overlay flags included
+        assert sum(w.seen for ws in segs for w in ws) == sum(w.seen for w in whole) == extra.get("limit", 25)
+        assert sum(w.skipped for ws in segs for w in ws) == sum(w.skipped for w in whole) > 0
+        assert all(len([r for w in ws for r in w.todo]) <= size for ws in segs)
+        assert len(segs) >= -(-len(todo) // size)
+    # The run's own parts (of its earlier segments) are not read for the done-set.
+    write_run(out, "20260103T000000Z-cccccc", uris, seen=seen)
+    assert [r["image_uri"] for ws in _segments(SegmentJobConfig(**base, segment_images=5), labelling(),
+                                               run_id="20260103T000000Z-cccccc") for w in ws for r in w.todo] == \
+        [r["image_uri"] for r in expected[0]]
+    others = _segments(SegmentJobConfig(**base, segment_images=5), labelling())  # another run's rows count
+    assert len(others) == 1 and not any(w.todo for w in others[0]) and sum(w.skipped for w in others[0]) == 25
 
 
 # --- compaction -----------------------------------------------------------------------

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from corpus import corpus
 
@@ -83,6 +84,27 @@ def test_s3_end_to_end_with_bad_files_then_incremental(ray_session, s3_bucket, t
     storage.write_bytes(storage.join(images, "ok/gray.jpg"), CORPUS["ok/scene.jpg"][0])
     third = run(segment_dataset.parse_config(["--input", images, "--output", output, "--model", tiny_model, *FAST]))
     assert third["counts"]["ok"] == 2 and third["counts"]["skipped"] == len(CORPUS) - 1
+
+
+def test_a_run_in_segments_labels_every_image_once_with_limit_and_skip(ray_session, s3_bucket, tiny_model):
+    images = upload(s3_bucket, CORPUS)
+    output = storage.join(s3_bucket, "segmented")
+    args = ["--input", images, "--output", output, "--model", tiny_model, "--crf", "none", *FAST]
+    uris = [f.uri for f in storage.iter_files_detail(images)]
+    first = run(segment_dataset.parse_config([*args, "--limit", "7", "--segment-images", "2"]))
+    assert first["listing"]["segments"] >= 4 and first["counts"]["seen"] == 7  # S3 StartAfter, segment by segment
+    assert sorted(r["image_uri"] for r in predictions(output)) == uris[:7]
+    second = run(segment_dataset.parse_config([*args, "--segment-images", "3", "--gallery", "--gallery-size", "3"]))
+    assert second["status"] == "completed" and second["listing"]["segments"] == 2  # 6 to do, 3 a segment
+    status = {storage.join(images, name): st for name, (_, st, _) in CORPUS.items()}
+    ok = sum(status[u] == "ok" for u in uris[7:])
+    assert second["counts"] == {"seen": len(CORPUS), "skipped": 7, "ok": ok, "error": len(CORPUS) - 7 - ok}
+    rows = predictions(output)
+    assert sorted(r["image_uri"] for r in rows) == uris  # exactly one row per image over both runs
+    assert {r["run_id"] for r in rows if r["image_uri"] in uris[7:]} == {second["run_id"]}
+    assert len(rows) == sum(pq.read_metadata(storage.open_input(p)).num_rows
+                            for p in first["prediction_parts"] + second["prediction_parts"])
+    assert run(segment_dataset.parse_config([*args, "--segment-images", "2"]))["counts"]["skipped"] == len(CORPUS)
 
 
 def test_local_paths_and_the_same_labels_twice(ray_session, tmp_path, tiny_model):

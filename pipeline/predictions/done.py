@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from deconvnet import storage
 from deconvnet.inference.modes import default_labelling_key
 
-from .. import rows
+from .. import layout, rows
 from .parts import Parts, latest_rows, read_columns, read_parts, with_visible_parts
 
 COLUMNS = list(rows.DONE_COLUMNS)
@@ -90,8 +90,8 @@ class SortedPart:
 
     def between(self, lo: str, hi: str) -> list[pa.Table]:
         while self.next < len(self.ranges) and self.ranges[self.next][0] <= hi:
-            group = read_columns(self.parquet, SCHEMA, self.next)
-            self.held.append((self.ranges[self.next][1], group))
+            if self.ranges[self.next][1] >= lo:  # row groups wholly before `lo` are not read: a seek
+                self.held.append((self.ranges[self.next][1], read_columns(self.parquet, SCHEMA, self.next)))
             self.next += 1
         self.held = [(mx, t) for mx, t in self.held if mx >= lo]
         return [_between(t, lo, hi) for _, t in self.held]
@@ -102,21 +102,28 @@ class SortedPart:
 
 class DoneIndex:
     """{image_uri: (size, version)} of the done images in a key range; ranges
-    must be asked in increasing order (the listing's)."""
+    must be asked in increasing order (the listing's), all after `after` when
+    given. The parts of run `skip_run` (the run asking: its rows are of URIs
+    before `after`) are not read."""
 
-    def __init__(self, output: str, labelling: Labelling, storage_options=None):
+    def __init__(self, output: str, labelling: Labelling, storage_options=None, after: str | None = None,
+                 skip_run: str | None = None):
         self.output, self.labelling, self.storage_options = output, labelling, storage_options
+        self.after, self.skip_run = after, skip_run
         self.sorted_parts: list[SortedPart] = []
         self._open()
 
     def _open(self) -> None:
         def load(parts: Parts):
-            recent = read_parts(parts.runs, COLUMNS, self.storage_options)
+            runs = [u for u in parts.runs if not (self.skip_run and layout.is_run_part(u, self.skip_run))]
+            recent = read_parts(runs, COLUMNS, self.storage_options)
             return recent, [SortedPart(u, self.storage_options) for u in parts.compacted]
 
         self.close()
         recent, self.sorted_parts = with_visible_parts(self.output, load, self.storage_options)
         table = SCHEMA.empty_table() if not recent else pa.concat_tables(recent)
+        if self.after is not None:
+            table = table.filter(pc.greater(table["image_uri"], self.after))
         self.recent = _final_rows(table).sort_by("image_uri")
         self.recent_uris = self.recent["image_uri"].to_pylist()
 
