@@ -226,7 +226,20 @@ def cpu_and_wall(repeats: int, fn, *args):
     return statistics.median(cpu), statistics.median(wall), result
 
 
-def settings_table(repeats: int, sizes: list[tuple[int, int]], photo_names: list[str] | None) -> list[dict]:
+def model_probs(model: str):
+    """The `demo` recipe: a function image -> (C, H, W) float32, the merged probability
+    map the segmenter gives with the model directory `model` as `--inference default`
+    runs it (grid proposals: no structured-edge model here)."""
+    from deconvnet.inference.proposals import propose
+    from deconvnet.inference.segmenter import Segmenter
+
+    inference = for_mode("default")
+    segmenter = Segmenter.from_model_dir(model, inference.segmenter)
+    return lambda image: segmenter.probabilities([image], [propose(image, inference.proposals)])[0]
+
+
+def settings_table(repeats: int, sizes: list[tuple[int, int]], photo_names: list[str] | None,
+                   model: str | None = None) -> list[dict]:
     """The exact / pruned / pruned + early stop table on photographs (module docstring)."""
     base = for_mode("default", crf="paper").crf
     settings = {"exact": dataclasses.replace(base, exact=True),
@@ -235,6 +248,11 @@ def settings_table(repeats: int, sizes: list[tuple[int, int]], photo_names: list
     photos = photographs()
     if photo_names:
         photos = {n: photos[n] for n in photo_names}
+    recipes = {"soft": lambda image, truth: network_like_probs(truth),
+               "peaked": lambda image, truth: peaked_probs(truth)}
+    if model:
+        demo = model_probs(model)
+        recipes["demo"] = lambda image, truth: demo(image)
     rows = []
     print(f"{'photo':>13} {'size':>9} {'maps':>6} {'setting':>11} {'cpu ms':>8} {'wall ms':>8} "
           f"{'steps':>5} {'kept':>4} {'agree %':>8}")
@@ -242,8 +260,8 @@ def settings_table(repeats: int, sizes: list[tuple[int, int]], photo_names: list
         for width, height in sizes:
             image = photo_at(photo, width, height)
             truth = pseudo_truth(image)
-            for recipe, make in (("soft", network_like_probs), ("peaked", peaked_probs)):
-                probs = make(truth)
+            for recipe, make in recipes.items():
+                probs = make(image, truth)
                 exact_labels = None
                 for setting, config in settings.items():
                     cpu, wall, result = cpu_and_wall(repeats, mean_field, image, probs, config)
@@ -260,7 +278,7 @@ def settings_table(repeats: int, sizes: list[tuple[int, int]], photo_names: list
     print(f"\nmeans over photographs\n{'size':>9} {'maps':>6} {'setting':>11} {'cpu ms':>8} {'wall ms':>8} "
           f"{'x exact':>7} {'agree %':>8} {'min agree':>9}")
     for size in dict.fromkeys(r["size"] for r in rows):
-        for recipe in ("soft", "peaked"):
+        for recipe in recipes:
             group = [r for r in rows if r["size"] == size and r["maps"] == recipe]
             exact_cpu = statistics.mean(r["cpu_ms"] for r in group if r["setting"] == "exact")
             for setting in settings:
@@ -282,6 +300,8 @@ def main() -> None:
                         help="WIDTHxHEIGHT of the settings table's images")
     parser.add_argument("--photos", nargs="+", help="only these photographs (default: all found)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", default=str(Path(__file__).resolve().parents[1] / "models" / "demo"),
+                        help="model directory of the settings table's `demo` maps ('' for none)")
     parser.add_argument("--max-sides", type=int, nargs="+", default=[500, 375, 250],
                         help="reduced max_side values to compare at 1000x750")
     parser.add_argument("--output", type=Path,
@@ -293,7 +313,7 @@ def main() -> None:
                      "repeats": args.repeats, "presets": [], "max_side": [], "settings": []}
     if args.part in ("all", "settings"):
         sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes]
-        results["settings"] = settings_table(args.repeats, sizes, args.photos)
+        results["settings"] = settings_table(args.repeats, sizes, args.photos, args.model or None)
     if args.part == "settings":
         write(args.output, results)
         return
