@@ -68,13 +68,15 @@ the model, two ways (`mean_field`):
   mass (at most eps each), so their result can differ from the exact CRF's
   slightly (bench/crf.py measures how much); the pruned labels never win.
   Carrying that mass as one more row (unary -log sum_l exp(-U_l)) changed
-  no label after the early stop on bench/crf.py's `demo` maps (and at most
-  0.01% of them after 10 steps), for the cost of a row, so it is not done.
+  no label after the early stop on bench/crf.py's `demo` and `peaked` maps
+  (at most 0.01% of them after 10 steps; 2026-12-01), for the cost of a row
+  and its exp, so it is not done.
 - Early stopping: the steps stop as soon as one (the second or later)
   changes at most `stop_changed` of the labels (0: none). Mean-field labels
   settle with a long thin tail (a few pixels along edges flip for several
-  steps), so 0 rarely stops before 10; with 0.002, >= 99.5% of the labels
-  were the exact CRF's on bench/crf.py's photographs (docs/performance.md).
+  steps), so 0 rarely stops before 10; with 0.002, 99.5% or more of the
+  labels were the exact CRF's on average over bench/crf.py's photographs,
+  99.41% at the least on one (docs/performance.md).
 """
 
 from __future__ import annotations
