@@ -321,7 +321,7 @@ def prunable(unary: np.ndarray, bound: np.ndarray) -> np.ndarray:
     return out
 
 
-def _threshold(eps: float, bound):
+def _threshold(eps: float, bound: float | np.ndarray) -> float | np.ndarray:
     """The bound's smallest gap for `eps` (module docstring): eps B + ln(1/eps), or B for eps = 1."""
     return bound if eps == 1 else eps * bound + np.log(1 / eps)
 
