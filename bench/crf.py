@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/crf.py                 # every table on stdout, JSON in bench/results/crf.json
     .venv/bin/python bench/crf.py --part settings # only the exact / pruned / early-stop table
+    .venv/bin/python bench/crf.py --part split    # only where the default CRF's time goes
     .venv/bin/python bench/crf.py --repeats 5 --output /tmp/crf.json
 
 Settings (`--part settings`): the `paper` preset as `--inference default` runs
@@ -10,20 +11,28 @@ cannot win left out, 10 steps) and pruned + early stop (the default), on real
 photographs: matplotlib's grace_hopper.jpg and, when scikit-image is installed
 (`pip install -e .[bench]`), the photographs its wheel ships (astronaut,
 chelsea, coffee, rocket). Each is cropped to 4:3 at its centre and resized
-(bicubic) to 500x375 and 1000x750 (upscaled: none is that large). Their
-probability maps (no 21-class model is trained here): a pseudo ground truth
-from k-means (k = 5) on colour and position of the photograph at 1/8 size,
-the clusters given classes 0, 15, 12, 7, 9; then two recipes:
+(bicubic) to 500x375 and 1000x750 (upscaled: none is that large). Three
+recipes of probability maps. No 21-class VOC model is trained here; two are
+made from a pseudo ground truth: k-means (k = 5) on colour and position of
+the photograph at 1/8 size, the clusters given classes 0, 15, 12, 7, 9; then
 - `soft`, the scene's below: the one-hot map area-downsampled 16x, bilinear
   back, logits 6 x that + 1.5 x smooth unit noise on all 21 classes;
 - `peaked`: logits 12 x the blurred one-hot + 1.5 x smooth noise on the
   present classes and 2 absent "confusable" ones, -8 for the other 14-16
   classes: a confident network that hesitates among a few classes only (at
   a three-class junction of the blurred map, 12 x 1/3 = 4, an absent class is
-  then about e^-12 of the best, where `soft` puts it at about e^-4).
+  then about e^-12 of the best, where `soft` puts it at about e^-4);
+- `demo`: a trained network's, the merged map the segmenter gives with
+  `--model` (default models/demo: a tiny 21-class DeconvNet trained on
+  generated shapes of 4 classes + background, so not a VOC model) as
+  `--inference default` runs it, with grid proposals (50 + the whole image).
 Reported per image: ms of CPU time (time.process_time, all threads) and of
 wall time, the steps run, the labels kept, and % of labels equal to the
 exact CRF's; then the means per size and recipe.
+
+Split (`--part split`): on astronaut's `soft` map at each size, CPU ms of
+building each lattice, of the bound, of one step over 1 to 21 labels and of
+the early stop's argmax.
 
 The scene (sky, wavy horizon, ground, a person, a car and a dog, with colour
 texture and sensor noise) is drawn at any size from the same normalised
@@ -226,7 +235,20 @@ def cpu_and_wall(repeats: int, fn, *args):
     return statistics.median(cpu), statistics.median(wall), result
 
 
-def settings_table(repeats: int, sizes: list[tuple[int, int]], photo_names: list[str] | None) -> list[dict]:
+def model_probs(model: str):
+    """The `demo` recipe: a function image -> (C, H, W) float32, the merged probability
+    map the segmenter gives with the model directory `model` as `--inference default`
+    runs it (grid proposals: no structured-edge model here)."""
+    from deconvnet.inference.proposals import propose
+    from deconvnet.inference.segmenter import Segmenter
+
+    inference = for_mode("default")
+    segmenter = Segmenter.from_model_dir(model, inference.segmenter)
+    return lambda image: segmenter.probabilities([image], [propose(image, inference.proposals)])[0]
+
+
+def settings_table(repeats: int, sizes: list[tuple[int, int]], photo_names: list[str] | None,
+                   model: str | None = None) -> list[dict]:
     """The exact / pruned / pruned + early stop table on photographs (module docstring)."""
     base = for_mode("default", crf="paper").crf
     settings = {"exact": dataclasses.replace(base, exact=True),
@@ -235,6 +257,11 @@ def settings_table(repeats: int, sizes: list[tuple[int, int]], photo_names: list
     photos = photographs()
     if photo_names:
         photos = {n: photos[n] for n in photo_names}
+    recipes = {"soft": lambda image, truth: network_like_probs(truth),
+               "peaked": lambda image, truth: peaked_probs(truth)}
+    if model:
+        demo = model_probs(model)
+        recipes["demo"] = lambda image, truth: demo(image)
     rows = []
     print(f"{'photo':>13} {'size':>9} {'maps':>6} {'setting':>11} {'cpu ms':>8} {'wall ms':>8} "
           f"{'steps':>5} {'kept':>4} {'agree %':>8}")
@@ -242,8 +269,8 @@ def settings_table(repeats: int, sizes: list[tuple[int, int]], photo_names: list
         for width, height in sizes:
             image = photo_at(photo, width, height)
             truth = pseudo_truth(image)
-            for recipe, make in (("soft", network_like_probs), ("peaked", peaked_probs)):
-                probs = make(truth)
+            for recipe, make in recipes.items():
+                probs = make(image, truth)
                 exact_labels = None
                 for setting, config in settings.items():
                     cpu, wall, result = cpu_and_wall(repeats, mean_field, image, probs, config)
@@ -260,7 +287,7 @@ def settings_table(repeats: int, sizes: list[tuple[int, int]], photo_names: list
     print(f"\nmeans over photographs\n{'size':>9} {'maps':>6} {'setting':>11} {'cpu ms':>8} {'wall ms':>8} "
           f"{'x exact':>7} {'agree %':>8} {'min agree':>9}")
     for size in dict.fromkeys(r["size"] for r in rows):
-        for recipe in ("soft", "peaked"):
+        for recipe in recipes:
             group = [r for r in rows if r["size"] == size and r["maps"] == recipe]
             exact_cpu = statistics.mean(r["cpu_ms"] for r in group if r["setting"] == "exact")
             for setting in settings:
@@ -273,15 +300,61 @@ def settings_table(repeats: int, sizes: list[tuple[int, int]], photo_names: list
     return rows
 
 
+def split_table(sizes: list[tuple[int, int]], photo: str = "astronaut") -> list[dict]:
+    """Where the default CRF's time goes (CPU ms, one run each) on one photograph's
+    `soft` map: building the Gaussian and the bilateral lattice, the bound
+    (`_pairwise_bound`), one mean-field step over 1, 2, 5, 10 and 21 labels (the
+    mean of 3) and the argmax the early stop takes after each step (over 21)."""
+    import pydensecrf.densecrf as dcrf
+    import pydensecrf.eigen as eigen
+
+    from deconvnet.inference.crf import KERNELS, NORMALIZATIONS, _pairwise_bound, unary_energy
+
+    config, rows = for_mode("default", crf="paper").crf, []
+    kernel, norm = KERNELS[config.kernel], NORMALIZATIONS[config.normalization]
+    for width, height in sizes:
+        image = photo_at(photographs()[photo], width, height)
+        unary = unary_energy(network_like_probs(pseudo_truth(image)), config.unary_clip)
+        crf = dcrf.DenseCRF2D(width, height, NUM_CLASSES)
+        row, clock = {"photo": photo, "size": f"{width}x{height}"}, time.process_time()
+
+        def lap(name: str, since: float, divide: int = 1) -> float:
+            now = time.process_time()
+            row[name] = round((now - since) * 1000 / divide, 1)
+            return now
+
+        crf.addPairwiseGaussian(sxy=config.gauss_sxy, compat=config.gauss_compat, kernel=kernel, normalization=norm)
+        clock = lap("gaussian_build_ms", clock)
+        crf.addPairwiseBilateral(sxy=config.bilateral_sxy, srgb=config.bilateral_srgb, rgbim=np.array(image),
+                                 compat=config.bilateral_compat, kernel=kernel, normalization=norm)
+        clock = lap("bilateral_build_ms", clock)
+        _pairwise_bound(crf, width * height)
+        lap("bound_ms", clock)
+        for labels in (1, 2, 5, 10, NUM_CLASSES):
+            crf.setUnary(dcrf.ConstUnary(np.ascontiguousarray(unary[:labels])))
+            q, _, scratch = crf.startInference()
+            logits, clock = eigen.matrixXf(-unary[:labels]), time.process_time()
+            for _ in range(3):
+                crf.stepInference(q, logits, scratch)
+            clock = lap(f"step_{labels}_labels_ms", clock, 3)
+        np.asarray(q).argmax(axis=0)
+        lap("argmax_21_ms", clock)
+        rows.append(row)
+        print(" ".join(f"{k} {v}" for k, v in row.items()))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["all", "settings", "presets"], default="all",
-                        help="settings: exact / pruned / early stop on photographs; presets: the "
-                             "presets and max_side on the synthetic scene")
+    parser.add_argument("--part", choices=["all", "settings", "split", "presets"], default="all",
+                        help="settings: exact / pruned / early stop on photographs; split: where the "
+                             "default CRF's time goes; presets: the presets and max_side on the synthetic scene")
     parser.add_argument("--sizes", nargs="+", default=["500x375", "1000x750"],
                         help="WIDTHxHEIGHT of the settings table's images")
     parser.add_argument("--photos", nargs="+", help="only these photographs (default: all found)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", default=str(Path(__file__).resolve().parents[1] / "models" / "demo"),
+                        help="model directory of the settings table's `demo` maps ('' for none)")
     parser.add_argument("--max-sides", type=int, nargs="+", default=[500, 375, 250],
                         help="reduced max_side values to compare at 1000x750")
     parser.add_argument("--output", type=Path,
@@ -290,10 +363,15 @@ def main() -> None:
 
     results: dict = {"machine": {"python": platform.python_version(), "cpu_count": os.cpu_count(),
                                  "torch_threads": torch.get_num_threads()},
-                     "repeats": args.repeats, "presets": [], "max_side": [], "settings": []}
+                     "repeats": args.repeats, "presets": [], "max_side": [], "settings": [], "split": []}
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes]
+    if args.part in ("all", "split"):
+        results["split"] = split_table(sizes)
+    if args.part == "split":
+        write(args.output, results)
+        return
     if args.part in ("all", "settings"):
-        sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes]
-        results["settings"] = settings_table(args.repeats, sizes, args.photos)
+        results["settings"] = settings_table(args.repeats, sizes, args.photos, args.model or None)
     if args.part == "settings":
         write(args.output, results)
         return

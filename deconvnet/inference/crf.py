@@ -37,39 +37,52 @@ instead ran slower and agreed less with the full-size CRF (bench/crf.py).
 `exact` False (what `--inference default` runs) saves work without changing
 the model, two ways (`mean_field`):
 - Label pruning. Under the Potts model label l's update at pixel i is
-  Q_l(i) ~ exp(-U_l(i) + g_l(i)), with the pairwise gain
+  Q_l(i) = exp(-U_l(i) + g_l(i)) / Z(i), with the pairwise gain
   g_l(i) = sum over kernels k of w_k (K_k Q_l)(i). Each K_k here (the
   permutohedral lattice's splat, blur and slice, with any normalisation's
-  positive diagonal scaling) is linear with nonnegative weights, and
-  0 <= Q_l <= 1, so 0 <= g_l(i) <= B(i) = sum_k w_k (K_k 1)(i): the kernels'
-  filtered ones, computed with the same lattice (one step of a one-label CRF
-  from Q = 1), not estimated. Under NORMALIZE_SYMMETRIC, B(i) is about
-  sum_k w_k but not at most it (d_i^-1/2 sum_j k_ij d_j^-1/2 exceeds 1 where
-  a pixel's neighbours have fewer similar pixels than it has: 0.47 to 1.22
-  sum_k w_k, median 1.00, on bench/crf.py's photographs at 500x375), hence
-  the bound measured per pixel rather than assumed. A label whose
-  unary exceeds the pixel's best unary by more than B(i) (+ a rounding
-  slack) at every pixel can never win anywhere, after any number of steps:
-  -U_l + g_l <= -U_l + B < -U_b <= -U_b + g_b. Such labels are left out of
-  the CRF; afterwards each gets back the probability exp(-U_l) of a label
-  with no pairwise support (a label whose Q is small everywhere gains about
-  0), and the distribution is renormalised over all C.
-  Without the left-out labels the kept ones are normalised without that
-  mass, so their result can differ from the exact CRF's slightly (bench/crf.py
-  measures how much); the pruned labels themselves never win.
+  positive diagonal scaling) is linear with nonnegative weights, so
+  Q_l <= eps everywhere gives 0 <= g_l(i) <= eps B(i), where
+  B(i) = sum_k w_k (K_k 1)(i) is the kernels' filtered ones, computed with
+  the same lattice (one step of a one-label CRF from Q = 1), not estimated.
+  Under NORMALIZE_SYMMETRIC, B(i) is about sum_k w_k but not at most it
+  (d_i^-1/2 sum_j k_ij d_j^-1/2 exceeds 1 where a pixel's neighbours have
+  fewer similar pixels than it has: 0.47 to 1.22 sum_k w_k, median 1.00, on
+  bench/crf.py's photographs at 500x375), hence B measured per pixel.
+  The bound: with d_l(i) = U_l(i) - U_b(i), b the pixel's best (lowest)
+  unary, if for one eps in (0, 1)
+      d_l(i) >= eps B(i) + ln(1/eps)   at every pixel i,
+  then in the exact CRF Q_l(i) <= eps at every pixel after every step, and
+  l wins no pixel. By induction: the first Q is softmax(-U), so
+  Q_l(i) <= exp(-d_l(i)) <= eps; if Q_l <= eps everywhere, g_l <= eps B,
+  and Z(i) >= exp(-U_b(i) + g_b(i)) >= exp(-U_b(i)) (gains are >= 0), so
+  the next Q_l(i) <= exp(-d_l(i) + eps B(i)) <= eps; and l's logit is
+  below b's by at least d_l - eps B >= ln(1/eps) > 0. eps = 1 is the
+  plain bound d_l(i) > B(i) (then only "never wins" holds). Labels meet
+  through Z alone, so each label takes its own eps: `prunable` tries
+  PRUNE_EPS, 1/eps near B first, where the threshold is lowest, about
+  1 + ln B (3.1 for B = 8, where the plain bound needs 8). B carries a
+  rounding slack (BOUND_SLACK). Labels that meet it are left out of the CRF;
+  afterwards each gets back the probability exp(-U_l) of a label with no
+  pairwise support, and the distribution is renormalised over all C.
+  Without the left-out labels the kept ones are normalised without their
+  mass (at most eps each), so their result can differ from the exact CRF's
+  slightly (bench/crf.py measures how much); the pruned labels never win.
+  Carrying that mass as one more row (unary -log sum_l exp(-U_l)) changed
+  no label after the early stop on bench/crf.py's `demo` and `peaked` maps
+  (at most 0.01% of them after 10 steps; 2026-12-01), for the cost of a row
+  and its exp, so it is not done.
 - Early stopping: the steps stop as soon as one (the second or later)
   changes at most `stop_changed` of the labels (0: none). Mean-field labels
   settle with a long thin tail (a few pixels along edges flip for several
-  steps), so 0 rarely stops before 10; with 0.002, >= 99.5% of the labels
-  were the exact CRF's on bench/crf.py's photographs (docs/performance.md).
+  steps), so 0 rarely stops before 10; with 0.002, 99.5% or more of the
+  labels were the exact CRF's on average over bench/crf.py's photographs,
+  99.41% at the least on one (docs/performance.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import NamedTuple
-
 from typing import NamedTuple
 
 import numpy as np
@@ -93,6 +106,9 @@ UNCLIPPED_FLOOR = float(np.finfo(np.float32).tiny)
 # Added to the pairwise bound before pruning: float32 rounding of the lattice's
 # sums of Q against its sum of ones (relative and absolute).
 BOUND_SLACK = (1e-3, 1e-3)
+# The eps the pruning bound tries per label (module docstring): 1, 2**-0.5, ..., 2**-12,
+# so that 1/eps comes within a factor 1.42 of any B(i) up to 4096.
+PRUNE_EPS = tuple(2.0 ** -k for k in np.arange(0, 12.5, 0.5))
 
 
 @dataclass(frozen=True)
@@ -254,8 +270,7 @@ def mean_field(image: np.ndarray, probs: np.ndarray, config: CRFConfig) -> MeanF
     # The lattices are built once; each unary below is a ConstUnary of its own label
     # count (pydensecrf's stepInference works on whatever rows Q and the unary have).
     bound = _pairwise_bound(crf, h * w)  # (H*W,)
-    slack_rel, slack_abs = BOUND_SLACK
-    kept = np.flatnonzero((unary - unary.min(axis=0) <= bound * (1 + slack_rel) + slack_abs).any(axis=1))
+    kept = np.flatnonzero(~prunable(unary, bound))
     crf.setUnary(dcrf.ConstUnary(np.ascontiguousarray(unary[kept])))
     q, _, scratch = crf.startInference()
     logits = eigen.matrixXf(-unary[kept])  # our own, sized, so numpy sees the logits stepInference writes
@@ -265,7 +280,7 @@ def mean_field(image: np.ndarray, probs: np.ndarray, config: CRFConfig) -> MeanF
         steps += 1
         if config.stop_changed is None:
             continue
-        settled = np.asarray(q).argmax(axis=0)  # a step's argmax costs about 1/10 of a 21-label step
+        settled = np.asarray(q).argmax(axis=0)  # about 1/10 of a 21-label step
         if labels is not None and (settled != labels).mean() <= config.stop_changed:
             break
         labels = settled
@@ -275,6 +290,40 @@ def mean_field(image: np.ndarray, probs: np.ndarray, config: CRFConfig) -> MeanF
     np.exp(full, out=full)
     full /= full.sum(axis=0)
     return MeanField(full.reshape(c, h, w), steps, kept)
+
+
+def prunable(unary: np.ndarray, bound: np.ndarray) -> np.ndarray:
+    """(C,) bool: the labels the bound leaves out (module docstring). unary: (C, N)
+    float32; bound: (N,) B(i). Label l goes when, for one eps of PRUNE_EPS,
+    d_l(i) = U_l(i) - min_m U_m(i) >= eps B'(i) + ln(1/eps) at every pixel i
+    (> B'(i) for eps = 1), with B' = B plus BOUND_SLACK."""
+    slack_rel, slack_abs = BOUND_SLACK
+    bound = bound * (1 + slack_rel) + slack_abs
+    best, gap = unary.min(axis=0), np.empty_like(bound)  # (N,) each
+
+    def gap_of(label: int) -> np.ndarray:  # d_l(i), in one reused buffer
+        return np.subtract(unary[label], best, out=gap)
+
+    # No eps serves a label whose smallest gap is under every eps's threshold at the smallest B.
+    floor = min(_threshold(e, bound.min()) for e in PRUNE_EPS)
+    todo = [label for label in range(len(unary)) if gap_of(label).min() >= floor]
+    out = np.zeros(len(unary), bool)
+    middle = np.median(bound)  # eps near 1/B(i) gives the lowest threshold, 1 + ln B: tried first
+    for eps in sorted(PRUNE_EPS, key=lambda e: abs(np.log(e * middle))):
+        if not todo:
+            break
+        threshold = _threshold(eps, bound)  # (N,)
+        for label in list(todo):
+            d = gap_of(label)
+            if (d > threshold).all() if eps == 1 else (d >= threshold).all():
+                out[label] = True
+                todo.remove(label)
+    return out
+
+
+def _threshold(eps: float, bound: float | np.ndarray) -> float | np.ndarray:
+    """The bound's smallest gap for `eps` (module docstring): eps B + ln(1/eps), or B for eps = 1."""
+    return bound if eps == 1 else eps * bound + np.log(1 / eps)
 
 
 def _pairwise_bound(crf: dcrf.DenseCRF2D, n: int) -> np.ndarray:
