@@ -74,17 +74,16 @@ the model, two ways (`mean_field`):
 - Early stopping: the steps stop as soon as one (the second or later)
   changes a share of the labels that, times the steps still to run, is at
   most `stop_changed` (0: stop only at a step that changes none). The
-  exact CRF runs all `iterations` steps, so what the stop may cost is the
-  labels the steps left would still change; the steps' changes shrink as
-  the labels settle, so the last step's share times the steps left has
-  been an overestimate of it: a step that changes 0.1% of the labels stops
-  with 5 steps left at the default 0.005, not with 8. Mean-field labels
-  settle with a long thin tail (a few pixels along edges flip for several
-  steps), so 0 rarely stops before the last step. With 0.005, on
-  bench/crf.py's `demo` maps, 99.6% or more of the labels were the exact
-  CRF's on every photograph at both sizes; a fixed share per step did not
-  do both that and 2x: 0.002 left one photograph at 99.41%, 0.001 ran
-  some to all 10 steps (docs/performance.md).
+  exact CRF runs all `iterations` steps, so what stopping costs is the
+  labels the steps left would still change; a step's changes shrink as the
+  labels settle, so the last step's share times the steps left estimates
+  that from above (on bench/crf.py's `demo` maps; it is no bound). With
+  the default 0.005 a step changing 0.1% of the labels stops with 5 steps
+  left, not with 6 or more. Mean-field labels settle with a long thin tail
+  (a few pixels along edges flip for several steps), so 0 rarely stops
+  before the last step. On bench/crf.py's `demo` maps (a trained
+  network's) 99.64% or more of the labels were the exact CRF's on each
+  photograph at both sizes, 6-8 steps (docs/performance.md, 2026-12-01).
 """
 
 from __future__ import annotations
