@@ -296,6 +296,20 @@ def test_early_stopping_stops_when_labels_settle(two_regions):
     assert (stopped.q.argmax(0) == full.q.argmax(0)).mean() > 0.99
 
 
+def test_early_stopping_weighs_a_steps_changes_by_the_steps_left(three_classes):
+    """The default stops after the first step whose share of labels changed, times
+    the steps still to run, is at most `stop_changed`: not at one step earlier."""
+    image, _, probs = three_classes
+    config = for_mode("default").crf
+    stopped = mean_field(image, probs, config)
+    assert 2 <= stopped.steps < config.iterations
+    labels = [mean_field(image, probs, dataclasses.replace(config, stop_changed=None, iterations=k)).q.argmax(0)
+              for k in range(1, stopped.steps + 1)]
+    np.testing.assert_array_equal(labels[-1], stopped.q.argmax(0))
+    weighed = [(a != b).mean() * (config.iterations - k) for k, (a, b) in enumerate(zip(labels, labels[1:]), 2)]
+    assert weighed[-1] <= config.stop_changed < min(weighed[:-1], default=np.inf)
+
+
 def test_config_checks_stop_changed():
     with pytest.raises(ValueError, match="`stop_changed`"):
         crf_config("paper", stop_changed=1.5)

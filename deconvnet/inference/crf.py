@@ -72,11 +72,18 @@ the model, two ways (`mean_field`):
   (at most 0.01% of them after 10 steps; 2026-12-01), for the cost of a row
   and its exp, so it is not done.
 - Early stopping: the steps stop as soon as one (the second or later)
-  changes at most `stop_changed` of the labels (0: none). Mean-field labels
-  settle with a long thin tail (a few pixels along edges flip for several
-  steps), so 0 rarely stops before 10; with 0.002, 99.5% or more of the
-  labels were the exact CRF's on average over bench/crf.py's photographs,
-  99.41% at the least on one (docs/performance.md).
+  changes a share of the labels that, times the steps still to run, is at
+  most `stop_changed` (0: stop only at a step that changes none). The
+  exact CRF runs all `iterations` steps, so what stopping costs is the
+  labels the steps left would still change; a step's changes shrink as the
+  labels settle, so the last step's share times the steps left estimates
+  that from above (on bench/crf.py's `demo` maps; it is no bound). With
+  the default 0.005 a step changing 0.1% of the labels stops with 5 steps
+  left, not with 6 or more. Mean-field labels settle with a long thin tail
+  (a few pixels along edges flip for several steps), so 0 rarely stops
+  before the last step. On bench/crf.py's `demo` maps (a trained
+  network's) 99.64% or more of the labels were the exact CRF's on each
+  photograph at both sizes, 6-8 steps (docs/performance.md, 2026-12-01).
 """
 
 from __future__ import annotations
@@ -127,8 +134,8 @@ class CRFConfig:
     max_side: int | None = None    # run at most this longer side (module docstring); None: full
     exact: bool = False            # True: every label, every step (the release's computation);
                                    # False: prune labels that cannot win, stop when labels settle
-    stop_changed: float | None = 0.002  # not exact: stop after a step that changes at most this
-                                        # fraction of the labels; None: run every step
+    stop_changed: float | None = 0.005  # not exact: stop after a step whose share of labels changed,
+                                        # times the steps left, is at most this; None: run every step
 
     def __post_init__(self) -> None:
         problems = Problems(self)
@@ -281,7 +288,8 @@ def mean_field(image: np.ndarray, probs: np.ndarray, config: CRFConfig) -> MeanF
         if config.stop_changed is None:
             continue
         settled = np.asarray(q).argmax(axis=0)  # about 1/10 of a 21-label step
-        if labels is not None and (settled != labels).mean() <= config.stop_changed:
+        # The labels the steps left could still change, at this step's rate (module docstring).
+        if labels is not None and (settled != labels).mean() * (config.iterations - steps) <= config.stop_changed:
             break
         labels = settled
     full = -unary  # pruned labels: no pairwise gain
