@@ -337,7 +337,8 @@ def _rows(rows, uris: list[str], run_id: str, model_id: str = "bench-model", see
     seen = seen or [(0, "etag")] * n
     batch = {"image_uri": uris, "mask_uri": [""] * n, "overlay_uri": [""] * n, "status": ["ok"] * n,
              "error": [""] * n, "permanent": [False] * n, "width": [1] * n, "height": [1] * n,
-             "class_pixels": np.zeros((n, 2), np.int64), "mean_confidence": [0.0] * n, "num_proposals": [0] * n,
+             "class_pixels": np.zeros((n, 2), np.int64), "mean_confidence": [0.0] * n, "uncertainty": [0.0] * n,
+             "num_proposals": [0] * n,
              "source_size": [z for z, _ in seen], "source_version": [v for _, v in seen], "model_id": [model_id] * n,
              "labelling_key": [key or default_labelling_key(model_id)] * n, "run_id": [run_id] * n,
              "seconds": [0.0] * n}

@@ -1,22 +1,25 @@
-"""The segment job's plan: a streamed listing, then a Ray Data pipeline, a segment at a time
+"""The segment job's plan: a run is a sequence of segments (listing.Segment),
+each listed to its end and then labelled by a Ray Data pipeline
 
-    listing (one task: pages ─> windows ─> done-set ─> blocks; listing.py)
-      ─> read_and_propose (CPU) ─> SegmentActor (actor pool, GPU) ─> refine (CPU) ─> write (CPU) ─> driver
+    listing (a Dataset of one task: pages ─> windows ─> done-set ─> blocks; listing.py)
+      ─> the segment's blocks, in the object store
+    read_and_propose (CPU) ─> SegmentActor (actor pool, GPU) ─> refine (CPU) ─> write (CPU) ─> driver
 
 (no refine with `crf_device` "gpu", where the actor runs the CRF, or without a CRF:
 the actor hands labels to write). The write stage returns each row as it goes
 into Parquet; the driver writes the parts and keeps counts and the part list.
+The next segment is listed (a thread, run()) while one is labelled.
 
-A run is a sequence of such Datasets, one per listing.Segment: the first of
-FIRST_SEGMENT_IMAGES images in blocks of one segment-actor batch, so a small
-input spreads over every CRF task and reaches predictions/ a batch at a time;
-then `segment_images` at a time in blocks of BLOCK_ROWS, which cuts Ray Data's
-cost per block (most of the driver's CPU) by their size. The driver holds no
-list of the input, and what Ray Data keeps per block lasts one segment: its
-memory does not grow with the bucket or the run. Every resource setting of
-the job (batch sizes, GPUs, pool sizes, CRF parallelism, the CRF's node type:
-CRF_RESOURCE) is here, and what a stop request (SIGTERM, Ctrl-C: StopRequest)
-does to a run.
+The first segment holds FIRST_SEGMENT_IMAGES images in blocks of one
+segment-actor batch and stages whose blocks carry one image (BLOCK_BYTES), so
+a small input spreads over every CRF task and reaches predictions/ a batch at
+a time; then `segment_images` at a time, in blocks of BLOCK_ROWS and stage
+blocks of up to STAGE_BLOCK_BYTES: Ray Data's cost, most of the driver's CPU,
+is per block. The driver holds no list of the input, and what Ray Data keeps
+per block lasts one segment: its memory does not grow with the bucket or the
+run. Every resource setting of the job (batch sizes, GPUs, pool sizes, CRF
+parallelism, the CRF's node type: CRF_RESOURCE) is here, and what a stop
+request (SIGTERM, Ctrl-C: StopRequest) does to a run.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ import json
 import os
 import re
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -45,12 +50,16 @@ from .predictions.done import Labelling
 from .predictions.parts import iter_latest, iter_rows
 from .predictions.writer import PredictionWriter
 
-BLOCK_BYTES = 256 * 2**10  # Ray Data's block target: see listed()
-BLOCK_ROWS = 512  # rows per block after the first segment: see listed()
+BLOCK_BYTES = 256 * 2**10  # Ray Data's block target for the listing and the first segment: see listed()
+STAGE_BLOCK_BYTES = 32 * 2**20  # ...and for the stages after it: see plan()
+BLOCK_ROWS = 512  # listed rows per block after the first segment: see listed()
 STREAMING_BUFFER_BLOCKS = 64  # blocks a task may yield ahead of its consumer: see listed()
 # The custom resource of the nodes meant for the CRF (ray_cluster.yaml's CPU node type
 # advertises one per CPU): the CRF stage asks for one when the cluster has such nodes.
 CRF_RESOURCE = "crf"
+# The DataContext is the process's, copied by each Dataset when it is made: the listing
+# ahead (a thread) and the stages set theirs and make their Dataset under this lock.
+_CONTEXT_LOCK = threading.Lock()
 
 
 class JobFailed(RuntimeError):
@@ -114,12 +123,39 @@ class StopRequest:
             self._waiting = False
 
 
-def plan(cfg: SegmentJobConfig, info: ModelInfo, labelling: Labelling, run_id: str, tally,
-         stage_fns=stages, segment: Segment | None = None) -> ray.data.Dataset:
-    """The Dataset of one segment (the first by default). `stage_fns` holds the
+def list_segment(cfg: SegmentJobConfig, labelling: Labelling, tally, segment: Segment,
+                 run_id: str) -> list[ray.ObjectRef]:
+    """`segment`'s rows to label, listed to its end: its blocks, in the object store
+    (run() lists the next segment while this one is labelled)."""
+    with _CONTEXT_LOCK:
+        ds = listed(cfg, labelling, tally, segment, run_id)
+    return ds.to_arrow_refs()
+
+
+def plan(blocks: list[ray.ObjectRef], segment: Segment, cfg: SegmentJobConfig, info: ModelInfo,
+         labelling: Labelling, run_id: str, stage_fns=stages) -> ray.data.Dataset:
+    """The Dataset labelling one segment's listed `blocks`. `stage_fns` holds the
     stages (bench/scale.py passes no-ops)."""
-    segment = segment or first_segment(cfg)
-    return label(listed(cfg, labelling, tally, segment, run_id), cfg, info, labelling, run_id, stage_fns)
+    with _CONTEXT_LOCK:
+        # Past the first segment decoded images and maps travel a batch or more a block,
+        # not one image: Ray Data's cost on the driver is per block.
+        _set_data_context(BLOCK_BYTES if segment.index == 0 else STAGE_BLOCK_BYTES)
+        return label(ray.data.from_arrow_refs(blocks), cfg, info, labelling, run_id, stage_fns)
+
+
+def _set_data_context(block_bytes: int) -> None:
+    """The DataContext the next Dataset copies when it is made (see listed())."""
+    ctx = ray.data.DataContext.get_current()
+    # A stage's exception reaches the driver as itself (RayTaskError.cause), not as
+    # Ray Data's UserCodeException whose cause is lost on the way (see failure()).
+    ctx.raise_original_map_exception = True
+    ctx.target_max_block_size = block_bytes
+    # Each task of the listing's split yields hundreds of small blocks; Ray Data lets a
+    # task run only 2 blocks ahead of its consumer (a private setting, no public one
+    # yet), which made the split the bottleneck: 25 instead of ~4 ms of overhead per
+    # image (bench/scale.py, measured with one split task).
+    if hasattr(ctx, "_max_num_blocks_in_streaming_gen_buffer"):
+        ctx._max_num_blocks_in_streaming_gen_buffer = STREAMING_BUFFER_BLOCKS
 
 
 def labelling_of(cfg: SegmentJobConfig, info: ModelInfo) -> Labelling:
@@ -138,26 +174,15 @@ def block_rows(cfg: SegmentJobConfig, segment: Segment) -> int:
 def listed(cfg: SegmentJobConfig, labelling: Labelling, tally, segment: Segment, run_id: str,
            rows_per_block: int | None = None) -> ray.data.Dataset:
     """The segment's rows to label (listing.TODO_SCHEMA), streamed from the listing
-    in blocks of `rows_per_block` (block_rows()). Sets the DataContext every
-    later stage inherits."""
-    ctx = ray.data.DataContext.get_current()  # a Dataset copies it when it is made: set it first
-    # A stage's exception reaches the driver as itself (RayTaskError.cause), not as
-    # Ray Data's UserCodeException whose cause is lost on the way (see failure()).
-    ctx.raise_original_map_exception = True
+    in blocks of `rows_per_block` (block_rows())."""
     # Ray Data gathers what a task yields into blocks of up to target_max_block_size
     # bytes before passing them on: with the default 128 MiB, the listing's small rows
     # would leave only when it ends. At 256 KiB they leave in blocks of about 2,300
     # rows, so each task of the split below is short (it takes a whole CPU while it
     # runs: at 4 MiB, 37,000 rows a block, it held back the stages for seconds on 2
-    # cores), and decoded images and maps travel one image a block (so each CRF task
-    # takes one image, whatever the listing's block).
-    ctx.target_max_block_size = BLOCK_BYTES
-    # Each task of the split below yields hundreds of small blocks; Ray Data lets a task
-    # run only 2 blocks ahead of its consumer (a private setting, no public one yet),
-    # which made the split the bottleneck: 25 instead of ~4 ms of overhead per image
-    # (bench/scale.py, measured with one split task).
-    if hasattr(ctx, "_max_num_blocks_in_streaming_gen_buffer"):
-        ctx._max_num_blocks_in_streaming_gen_buffer = STREAMING_BUFFER_BLOCKS
+    # cores). In the first segment's stages (plan()) decoded images and maps then
+    # travel one image a block, so a small input's CRF spreads over every task.
+    _set_data_context(BLOCK_BYTES)  # a Dataset copies the context when it is made: set it first
     # The listing is one task (a generator over one seed row), pulled as the stages
     # downstream have room: the driver holds none of it.
     ds = ray.data.from_items([{"listing": 0}]).map_batches(
@@ -262,6 +287,7 @@ def run(cfg: SegmentJobConfig, log: Callable[[str], None] = print, stage_fns=sta
                                                       if cfg.incremental else ""))
     writer = PredictionWriter(cfg.output, run_id, cfg.rows_per_part, opts, part_seconds=cfg.part_seconds)
     tally = Tally.remote()
+    ahead = ThreadPoolExecutor(1, thread_name_prefix="listing")  # the next segment's listing
     t0 = time.perf_counter()
     try:
         write_json(record_uri, record, opts)  # "running": a killed run stays visible as one
@@ -271,18 +297,24 @@ def run(cfg: SegmentJobConfig, log: Callable[[str], None] = print, stage_fns=sta
                 record["compaction"] = ray.get(ray.remote(compact).options(num_cpus=1, **_remote_env()).remote(
                     cfg.output, opts))
         segment: Segment | None = first_segment(cfg)
+        listing = ahead.submit(list_segment, cfg, labelling, tally, segment, run_id)
         while segment is not None:
-            ds = plan(cfg, info, labelling, run_id, tally, stage_fns, segment)
-            tables = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
-            while True:
-                with stop.waiting():  # a stop request cuts the wait short: nothing half-added
-                    table = next(tables, None)
-                if table is None:
-                    break
-                writer.add(rows.conform(table, rows.SCHEMA))
-            del ds, tables  # what Ray Data keeps of this segment goes with its Dataset
-            with stop.waiting():
-                segment = ray.get(tally.next_segment.remote(segment.index))
+            with stop.waiting():  # a stop request cuts the wait short: nothing half-added
+                blocks = listing.result()
+                after = ray.get(tally.next_segment.remote(segment.index))
+            if after is not None:  # listed while this segment is labelled
+                listing = ahead.submit(list_segment, cfg, labelling, tally, after, run_id)
+            if blocks:
+                ds = plan(blocks, segment, cfg, info, labelling, run_id, stage_fns)
+                tables = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+                while True:
+                    with stop.waiting():
+                        table = next(tables, None)
+                    if table is None:
+                        break
+                    writer.add(rows.conform(table, rows.SCHEMA))
+                del ds, tables  # what Ray Data keeps of this segment goes with its Dataset
+            segment, blocks = after, None
         writer.flush()
         _count_listing(record, tally)
         if writer.counts["ok"] + writer.counts["error"] == 0:
@@ -322,6 +354,7 @@ def run(cfg: SegmentJobConfig, log: Callable[[str], None] = print, stage_fns=sta
             if record["status"] == "completed":
                 raise JobFailed(f"run {run_id} labelled everything but could not write its record: "
                                 f"{type(e).__name__}: {e}") from e
+        ahead.shutdown(wait=False, cancel_futures=True)
         try:  # after the record: a stopped run has seconds before `ray job stop` kills it
             ray.kill(tally)
         except Exception:  # noqa: BLE001 - Ray itself going down (Ctrl-C reaches its processes too)
