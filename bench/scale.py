@@ -228,8 +228,6 @@ def previous_plan(cfg, limit: int | None = None) -> int:
     them as the job does. Returns the rows labelled."""
     import dataclasses
 
-    import ray
-
     from deconvnet.weights import read_model_info
     from pipeline import job, layout, rows
     from pipeline.listing import Segment, Tally

@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    from pipeline.job import JobFailed, JobStopped, StopRequest, run
+    from pipeline.job import JobFailed, JobStopped, run
+    from pipeline.stopping import StopRequest
 
     # RAY_ADDRESS (set by `ray job submit`) joins the cluster; without it, an
     # embedded local Ray starts, whose workers inherit this environment.

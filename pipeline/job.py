@@ -19,7 +19,7 @@ is per block. The driver holds no list of the input, and what Ray Data keeps
 per block lasts one segment: its memory does not grow with the bucket or the
 run. Every resource setting of the job (batch sizes, GPUs, pool sizes, CRF
 parallelism, the CRF's node type: CRF_RESOURCE) is here, and what a stop
-request (SIGTERM, Ctrl-C: StopRequest) does to a run.
+request (SIGTERM, Ctrl-C: stopping.StopRequest) does to a run.
 """
 
 from __future__ import annotations
@@ -30,9 +30,8 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from typing import Any
 
 import ray
@@ -49,6 +48,7 @@ from .predictions.compaction import compact, needs_compaction
 from .predictions.done import Labelling
 from .predictions.parts import iter_latest, iter_rows
 from .predictions.writer import PredictionWriter
+from .stopping import StopRequest
 
 BLOCK_BYTES = 256 * 2**10  # Ray Data's block target for the listing and the first segment: see listed()
 STAGE_BLOCK_BYTES = 32 * 2**20  # ...and for the stages after it: see plan()
@@ -73,54 +73,6 @@ class JobStopped(JobFailed):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signal = signum
-
-
-class Stopped(KeyboardInterrupt):
-    """Raised in the driver's main thread by StopRequest while it waits for results."""
-
-
-class StopRequest:
-    """SIGTERM and SIGINT (`ray job stop`, Ctrl-C) as a request to stop a run.
-
-    `install()` makes it the handler of both. A signal that comes while run()
-    waits for results (inside `waiting()`) raises Stopped there; one that comes
-    while the driver writes a part or its record only marks the request, and the
-    run stops at its next wait. Either way run() then writes the rows it has
-    received, records `stopped` and raises JobStopped. A second signal is
-    handled as it was before install(): a second Ctrl-C or SIGTERM ends the
-    process at once, its record left `running`."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._waiting = False
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> StopRequest:
-        for s in (signal.SIGTERM, signal.SIGINT):
-            self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def restore(self) -> None:
-        """The handlers as they were before install()."""
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-    def _handle(self, signum: int, frame) -> None:
-        self.signum = signum
-        self.restore()  # the next signal is not ours to soften
-        if self._waiting:
-            raise Stopped(signal.Signals(signum).name)
-
-    @contextmanager
-    def waiting(self) -> Iterator[None]:
-        """Around a wait that a stop request may cut short."""
-        if self.signum is not None:
-            raise Stopped(signal.Signals(self.signum).name)
-        self._waiting = True
-        try:
-            yield
-        finally:
-            self._waiting = False
 
 
 def list_segment(cfg: SegmentJobConfig, labelling: Labelling, tally, segment: Segment,
