@@ -182,7 +182,8 @@ def _colour(palette: np.ndarray, k: int) -> str:
 
 
 def _pct(share: float) -> str:
-    return "<0.1%" if 0 < share < 0.001 else f"{100 * share:.1f}%"
+    """A share as HTML text ("&lt;0.1%" below 0.1%)."""
+    return "&lt;0.1%" if 0 < share < 0.001 else f"{100 * share:.1f}%"
 
 
 def _count(n: int, noun: str) -> str:
@@ -243,7 +244,7 @@ def _card(r: dict[str, Any], output: str, palette: np.ndarray) -> str:
     if len(top) > CARD_CLASSES:
         chips += f"<li>+{len(top) - CARD_CLASSES} more</li>"
     meta = (f'{int(r["width"])}&times;{int(r["height"])} px · confidence {float(r["mean_confidence"]):.2f}'
-            + (f' · uncertain {escape(_pct(r["uncertainty"]))}' if r.get("uncertainty") is not None else "")
+            + (f' · uncertain {_pct(r["uncertainty"])}' if r.get("uncertainty") is not None else "")
             + (f" · {links}" if links else ""))
     return (f'<figure class="card">{picture}<figcaption>{name}<div class="meta">{meta}</div>'
             f'<ul class="classes">{chips}</ul></figcaption></figure>')
@@ -258,7 +259,7 @@ def _least_certain(s: Summary, output: str) -> str:
         name = escape(r["image_uri"])
         link = f'<a href="{href}">{name}</a>' if href else name
         rows.append(f'<tr><td class="name">{link}</td>'
-                    f'<td>{escape(_pct(r["uncertainty"]))}</td><td>{float(r["mean_confidence"]):.2f}</td>'
+                    f'<td>{_pct(r["uncertainty"])}</td><td>{float(r["mean_confidence"]):.2f}</td>'
                     f'<td>{escape(", ".join(r["classes"] or []))}</td></tr>')
     return (f"<h2>Least certain first: {_count(len(rows), 'image')} to review</h2>"
             f"<p>Uncertain: the share of an image's pixels whose label has a probability under {UNCERTAIN_BELOW}. "

@@ -68,6 +68,10 @@ def test_the_chart_sums_class_pixels_of_ok_rows():
     assert re.findall(r"<text[^>]*>([^<]+)</text>", chart) == ["background", "80.0%", "aeroplane", "10.0%",
                                                                 "bicycle", "10.0%"]
     assert "No pixels of: bird, boat," in page and "Errors: 1 image could not be labelled" in page
+    # A share under 0.1% is written as text, not as the start of a tag.
+    tiny = gallery.render(gallery.summarize([row("s3://b/in/a.jpg", pixels=(99_999, 1))], 48), output="out",
+                          classes=VOC_CLASSES, palette=voc_palette(21), run=RUN)
+    assert "&lt;0.1%" in tiny and "<0.1%" not in tiny
 
 
 def test_the_least_certain_images_are_listed_first_and_cards_show_uncertainty():
