@@ -76,6 +76,9 @@ class SegmentJobConfig:
             problems.at_least(name, 1, none_ok=True)
         for name in ("gpus_per_actor", "part_seconds"):
             problems.check(name, getattr(self, name) > 0, "must be > 0")
+        if self.crf_cpus is not None and self.crf_device == "gpu":
+            problems.add("`crf_cpus` sets how many CRF tasks run at once; with `crf_device` 'gpu' the CRF runs "
+                         "in the segment actor and there are none")
         problems.check("cpus_per_actor", self.cpus_per_actor is None or self.cpus_per_actor > 0, "must be > 0")
         problems.check("gpu_actors", self.gpu_actors is None or 1 <= self.gpu_actors[0] <= self.gpu_actors[1],
                        "need 1 <= MIN <= MAX")

@@ -264,6 +264,8 @@ def test_crf_device_is_checked_by_the_config():
     (["--inference", "paper"], "invalid choice: 'paper'"),
     (["--gallery-size", "5"], "--gallery-size needs --gallery"),
     (["--crf-device", "cuda"], "invalid choice: 'cuda'"),
+    (["--crf-device", "gpu", "--crf-cpus", "4"], "--crf-cpus sets how many CRF tasks run at once; with --crf-device "
+                                                 "'gpu' the CRF runs in the segment actor and there are none"),
 ])
 def test_bad_arguments_are_one_line_and_exit_2(tmp_path, tiny_model, args, message):
     (tmp_path / "in").mkdir()
