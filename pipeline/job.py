@@ -91,7 +91,7 @@ def plan(blocks: list[ray.ObjectRef], segment: Segment, cfg: SegmentJobConfig, i
     with _CONTEXT_LOCK:
         # Past the first segment decoded images and maps travel a batch or more a block,
         # not one image: Ray Data's cost on the driver is per block.
-        _set_data_context(BLOCK_BYTES if segment.index == 0 else STAGE_BLOCK_BYTES)
+        _set_data_context(BLOCK_BYTES if segment.first else STAGE_BLOCK_BYTES)
         return label(ray.data.from_arrow_refs(blocks), cfg, info, labelling, run_id, stage_fns)
 
 
@@ -120,7 +120,7 @@ def labelling_of(cfg: SegmentJobConfig, info: ModelInfo) -> Labelling:
 def block_rows(cfg: SegmentJobConfig, segment: Segment) -> int:
     """Rows per block of `segment`'s listing: one segment-actor batch in the first
     (it spreads a small input over every task and actor), BLOCK_ROWS after."""
-    return cfg.images_per_batch if segment.index == 0 else max(cfg.images_per_batch, BLOCK_ROWS)
+    return cfg.images_per_batch if segment.first else max(cfg.images_per_batch, BLOCK_ROWS)
 
 
 def listed(cfg: SegmentJobConfig, labelling: Labelling, tally, segment: Segment, run_id: str,
@@ -266,7 +266,7 @@ def run(cfg: SegmentJobConfig, log: Callable[[str], None] = print, stage_fns=sta
                         break
                     writer.add(rows.conform(table, rows.SCHEMA))
                 del ds, tables  # what Ray Data keeps of this segment goes with its Dataset
-            segment, blocks = after, None
+            segment, blocks = after, None  # the finished segment's listed blocks can go
         writer.flush()
         _count_listing(record, tally)
         if writer.counts["ok"] + writer.counts["error"] == 0:

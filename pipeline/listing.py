@@ -66,6 +66,11 @@ class Segment:
     listed_before: int = 0  # images the earlier segments listed, for `limit`
     sample: tuple[tuple[int, str], ...] = ()  # the gallery's running sample as they left it
 
+    @property
+    def first(self) -> bool:
+        """The run's first segment, which fills the pipeline in small blocks (job.block_rows, job.plan)."""
+        return self.index == 0
+
 
 def first_segment(cfg: SegmentJobConfig) -> Segment:
     return Segment(quota=min(FIRST_SEGMENT_IMAGES, cfg.segment_images))
